@@ -1,0 +1,223 @@
+"""`saekit train|eval|cache|sweep|hooks`: the only module that imports Hydra.
+
+Each command composes its top-level config from `conf/` (validated against saekit/config.py), turns it into
+plain dataclasses once, and calls the library. Configuration mistakes are caught before Hydra creates a run
+folder and reported as one line naming the setting; any `SaekitError` later on is reported the same way,
+with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+COMMANDS = {
+    "train": ("train", "train an SAE (builds the activation cache on demand), evaluate it, write results.csv"),
+    "eval": ("eval", "recompute the metrics of a trained SAE: saekit eval ckpt=<run folder | sae.safetensors>"),
+    "cache": ("cache", "build or reuse the activation cache for a model, hook and dataset"),
+    "sweep": ("train", "a Hydra multirun of `train`, e.g. saekit sweep k=8,16,32"),
+    "hooks": ("cache", "list the hook points of a model: saekit hooks model=stories260k"),
+}
+EXIT_USER_ERROR = 2
+_HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--shell-completion", "-sc")
+
+
+def conf_dir() -> Path:
+    """`conf/` ships inside the wheel as saekit/conf; in a source checkout it sits beside the package."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf"
+
+
+def _usage() -> str:
+    lines = ["usage: saekit <command> [key=value ...] [hydra flags]", "", "commands:"]
+    lines += [f"  {name:<6} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += ["", "`saekit <command> --help` lists the config groups and settings; `--cfg job` prints the composed config."]
+    return "\n".join(lines)
+
+
+def _fail(message: str) -> None:
+    print(f"saekit: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+# ---- one-line messages for Hydra / OmegaConf errors ------------------------------------------------
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+
+
+def describe_config_error(exc: BaseException) -> str:
+    """Turn a Hydra/OmegaConf composition error into one line naming the setting and the fix."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+    chain, cause = [], exc
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for error in chain:
+        if isinstance(error, MissingConfigException) and error.options is not None:
+            group, _, wanted = (error.missing_cfg_file or "").rpartition("/")
+            return f"{group}={wanted} is not an option; use one of: {', '.join(sorted(error.options))}"
+        if isinstance(error, MissingMandatoryValue):
+            key = getattr(error, "full_key", "") or _first_line(error)
+            return f"{key} is required; set it on the command line ({key}=...)"
+        if isinstance(error, ConfigKeyError):
+            key = getattr(error, "full_key", "") or getattr(error, "key", "")
+            return f"{key} is not a saekit setting; check the spelling (`saekit <command> --cfg job` shows all settings)"
+        if isinstance(error, OmegaConfBaseException) and getattr(error, "full_key", None):
+            return f"{error.full_key}: {_first_line(getattr(error, 'msg', error))}"
+    return _first_line(exc).rstrip(".") + " (see `saekit <command> --help`)"
+
+
+# ---- composing and converting -----------------------------------------------------------------
+def _register() -> None:
+    from omegaconf import OmegaConf
+
+    from saekit.config import register_schemas
+
+    register_schemas()
+    if not OmegaConf.has_resolver("saekit_dirname"):
+        OmegaConf.register_new_resolver("saekit_dirname", run_dirname)
+
+
+def run_dirname(override_dirname: str) -> str:
+    """A folder name from the command's overrides: same command → same folder (and resume)."""
+    name = override_dirname.replace(os.sep, "_").replace("[", "").replace("]", "").replace("'", "") or "default"
+    if len(name) > 120:
+        import hashlib
+
+        name = name[:100] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
+    return name
+
+
+def to_dataclass(cfg) -> Any:
+    """DictConfig → the schema's dataclass (runs every __post_init__ check)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(cfg)
+
+
+def preflight(config_name: str, overrides: list[str]) -> None:
+    """Compose and validate before Hydra creates any folder, so bad input leaves nothing behind."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from saekit.errors import SaekitError
+
+    task_overrides = [item for item in overrides if not item.startswith(("hydra.", "+hydra.", "~hydra."))]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            to_dataclass(compose(config_name=config_name, overrides=task_overrides))
+    except SaekitError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # Hydra and OmegaConf raise many types; all are configuration mistakes here
+        _fail(describe_config_error(exc))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def parse_overrides(task_overrides: list[str]) -> dict[str, Any]:
+    """`key=value` overrides as a dict with YAML-typed values (columns of the results table)."""
+    import yaml
+
+    parsed = {}
+    for item in task_overrides:
+        key, _, value = item.lstrip("+~").partition("=")
+        try:
+            parsed[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed[key] = value
+        if isinstance(parsed[key], (list, dict)):
+            parsed[key] = json.dumps(parsed[key])
+    return parsed
+
+
+def _absolute(path: str) -> str:
+    candidate = Path(path).expanduser()
+    return str(candidate.resolve()) if candidate.exists() else path
+
+
+def absolutize_paths(cfg) -> None:
+    """Local model and data paths become absolute, so a saved config works from any folder."""
+    cfg.model.name = _absolute(cfg.model.name)
+    if cfg.data is not None:
+        cfg.data.paths = [_absolute(p) for p in cfg.data.paths]
+        cfg.data.eval_paths = [_absolute(p) for p in cfg.data.eval_paths]
+
+
+# ---- running a task ---------------------------------------------------------------------------
+def _keeps_nothing(run_dir: Path) -> bool:
+    """A run folder with only Hydra's bookkeeping in it (safe to remove after a failed start)."""
+    return run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir())
+
+
+def _guarded(task: Callable[[Any, Path], None], cfg) -> None:
+    """Run a task; a SaekitError becomes one line on stderr and exit code 2."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from saekit.errors import SaekitError
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        task(cfg, run_dir)
+    except SaekitError as exc:
+        if _keeps_nothing(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        _fail(str(exc))
+
+
+def _hydra_run(config_name: str, task: Callable[[Any, Path], None]) -> None:
+    import hydra
+
+    @hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")
+    def entry(cfg) -> None:
+        _guarded(task, cfg)
+
+    entry()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        _fail(f"unknown command {command!r}; use one of: {', '.join(COMMANDS)}")
+    config_name = COMMANDS[command][0]
+    _register()
+    wants_hydra_flag = any(arg.split("=")[0] in _HYDRA_FLAGS for arg in rest)
+    if command == "sweep":
+        rest = ["--multirun", *rest]
+    elif not wants_hydra_flag:
+        preflight(config_name, rest)
+    from saekit import tasks
+
+    task = {"train": tasks.train, "sweep": tasks.train, "eval": tasks.evaluate, "cache": tasks.cache,
+            "hooks": tasks.hooks}[command]
+    sys.argv = [f"saekit-{command}", f"hydra.job.name={command}", *rest]
+    _hydra_run(config_name, lambda cfg, run_dir: task(_prepare(cfg), run_dir))
+
+
+def _prepare(cfg):
+    """DictConfig → dataclass with absolute paths and the command-line overrides recorded."""
+    from hydra.core.hydra_config import HydraConfig
+
+    typed = to_dataclass(cfg)
+    if hasattr(typed, "model"):
+        absolutize_paths(typed)
+    if hasattr(typed, "overrides"):
+        typed.overrides = parse_overrides(list(HydraConfig.get().overrides.task))
+    return typed
+
+
+if __name__ == "__main__":
+    main()

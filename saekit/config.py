@@ -1,0 +1,324 @@
+"""Typed schemas for every saekit setting.
+
+Hydra composes `conf/` and checks it against these dataclasses (unknown keys are errors); the CLI then
+turns the result into plain dataclass objects, so nothing below `cli.py` sees a DictConfig and a notebook
+can build the same objects by hand. Range checks live in `__post_init__` and raise `ConfigError` with a
+message naming the field. Counts carry their unit in the name (tokens, steps).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+from saekit.errors import ConfigError, check_choice, require
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "float16", "bfloat16")
+NORMALIZATIONS = ("none", "scale", "layer_norm")
+DEAD_REMEDIES = ("auxk", "none")
+PENALTIES = ("l1", "sqrt_l1")
+
+
+@dataclass
+class ModelConfig:
+    """The language model whose activations the SAE reads."""
+
+    name: str = MISSING
+    """Hub name (`gpt2`, `EleutherAI/pythia-70m`) or a local HuggingFace model folder."""
+    display_name: Optional[str] = None
+    """Short name used in results tables; defaults to the last path component of `name`."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit); ignored for local folders."""
+    dtype: str = "float32"
+    """Dtype the model runs in while caching activations."""
+
+    def __post_init__(self) -> None:
+        check_choice("model.dtype", self.dtype, DTYPES)
+
+    @property
+    def short_name(self) -> str:
+        return self.display_name or self.name.rstrip("/").split("/")[-1]
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes token windows."""
+
+    name: str = "text"
+    """Short name used in results tables."""
+    source: str = "text_files"
+    """`text_files` (local .txt / .json files) or `hf` (a HuggingFace dataset, streaming allowed)."""
+    paths: list[str] = field(default_factory=list)
+    """text_files: training files. A .txt is split into documents at `doc_separator`; a .json holds a list of strings."""
+    eval_paths: list[str] = field(default_factory=list)
+    """text_files: held-out files. Empty: the last `eval_fraction` of the training documents are held out."""
+    eval_fraction: float = 0.1
+    """Fraction of documents held out when no separate eval files or split are given."""
+    hf_path: Optional[str] = None
+    """hf: dataset name on the Hub (or a builder such as `text` with `hf_data_files`)."""
+    hf_config: Optional[str] = None
+    """hf: dataset configuration name."""
+    hf_data_files: Optional[list[str]] = None
+    """hf: data files handed to `datasets.load_dataset`."""
+    split: str = "train"
+    """hf: split to train on."""
+    eval_split: Optional[str] = None
+    """hf: held-out split; None holds out the last `eval_fraction` of the documents read."""
+    text_column: str = "text"
+    """hf: column holding the text."""
+    streaming: bool = False
+    """hf: stream the dataset instead of downloading it whole."""
+    doc_separator: str = "\n\n"
+    """text_files: string that separates documents inside a .txt file."""
+    ctx_len: int = 128
+    """Tokens per window (including the BOS token when `prepend_bos`)."""
+    prepend_bos: bool = True
+    """Start every window with the BOS token, as the model saw in training."""
+    exclude_bos: bool = True
+    """Drop the BOS position's activation from the cache (its norm is an outlier at most hooks)."""
+    n_train_tokens: Optional[int] = None
+    """Tokens to cache for training; None: all the training text holds (capped at `n_tokens` for streaming)."""
+    n_eval_tokens: int = 65536
+    """Held-out tokens to cache for evaluation."""
+    normalize: str = "scale"
+    """Input normalization: `none`, `scale` (E||x|| = sqrt(d), scale saved in the checkpoint) or `layer_norm`."""
+
+    def __post_init__(self) -> None:
+        check_choice("data.source", self.source, ("text_files", "hf"))
+        check_choice("data.normalize", self.normalize, NORMALIZATIONS)
+        require(self.ctx_len >= 2, f"data.ctx_len={self.ctx_len} must be at least 2")
+        require(0 < self.eval_fraction < 1, f"data.eval_fraction={self.eval_fraction} must be in (0, 1)")
+        require(self.n_eval_tokens > 0, f"data.n_eval_tokens={self.n_eval_tokens} must be positive")
+        require(
+            self.n_train_tokens is None or self.n_train_tokens > 0,
+            f"data.n_train_tokens={self.n_train_tokens} must be positive (or null for all)",
+        )
+        if self.source == "text_files":
+            require(bool(self.paths), "data.paths is empty; give text files, e.g. data.paths=[/path/a.txt]")
+        else:
+            require(bool(self.hf_path), "data.hf_path is empty; name a HuggingFace dataset, e.g. data.hf_path=roneneldan/TinyStories")
+
+
+@dataclass
+class ActivationConfig:
+    """The SAE's activation function (a name in the registry, `saekit/sae/`) and its knobs."""
+
+    name: str = "topk"
+    """Registry name: topk, relu, ..."""
+    penalty: str = "l1"
+    """ReLU-family sparsity penalty: `l1` (lam * sum z_i ||d_i||) or `sqrt_l1` (lam * sum sqrt(z_i))."""
+    topk_on: str = "preact"
+    """TopK: select the k largest of the pre-activations then ReLU (`preact`), or of ReLU(h) (`relu`)."""
+
+    def __post_init__(self) -> None:
+        check_choice("activation.penalty", self.penalty, PENALTIES)
+        check_choice("activation.topk_on", self.topk_on, ("preact", "relu"))
+
+
+@dataclass
+class DeadConfig:
+    """How dead latents are counted and revived."""
+
+    method: str = "auxk"
+    """`auxk` (auxiliary TopK loss on dead latents) or `none`."""
+    window_tokens: int = 10_000_000
+    """A latent is dead after this many training tokens without firing (capped at n_tokens/10 for short runs)."""
+    k_aux: Optional[int] = None
+    """AuxK: dead latents used to model the residual; None means d/2 (Gao et al. 2024, A.2)."""
+    aux_alpha: float = 1 / 32
+    """AuxK: weight of the auxiliary loss."""
+
+    def __post_init__(self) -> None:
+        check_choice("dead.method", self.method, DEAD_REMEDIES)
+        require(self.window_tokens > 0, f"dead.window_tokens={self.window_tokens} must be positive")
+        require(self.k_aux is None or self.k_aux > 0, f"dead.k_aux={self.k_aux} must be positive (or null for d/2)")
+        require(self.aux_alpha >= 0, f"dead.aux_alpha={self.aux_alpha} must be >= 0")
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam with linear warmup, a constant phase and a linear decay to zero."""
+
+    name: str = "adam"
+    lr: Optional[float] = None
+    """Learning rate; None: 2e-4 / sqrt(n / 2**14) * sqrt(768 / d) (Gao et al. 2024 A.3, width-adjusted; see train.py)."""
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 6.25e-10
+    warmup_steps: int = 100
+    """Linear warmup steps (at most 5% of the run)."""
+    decay_frac: float = 0.2
+    """Fraction of the run at the end over which the rate decays linearly to zero."""
+    grad_clip: Optional[float] = None
+    """Clip the global gradient norm to this value; None: no clipping."""
+
+    def __post_init__(self) -> None:
+        check_choice("optimizer.name", self.name, ("adam",))
+        require(self.lr is None or self.lr > 0, f"optimizer.lr={self.lr} must be positive (or null for auto)")
+        require(0 <= self.decay_frac <= 1, f"optimizer.decay_frac={self.decay_frac} must be in [0, 1]")
+        require(self.warmup_steps >= 0, f"optimizer.warmup_steps={self.warmup_steps} must be >= 0")
+        require(self.grad_clip is None or self.grad_clip > 0, f"optimizer.grad_clip={self.grad_clip} must be positive")
+
+
+@dataclass
+class InitConfig:
+    """Initialization switches (SPEC section 3)."""
+
+    b_pre: str = "geometric_median"
+    """`geometric_median` of a sample of training activations, or `zero`."""
+    tied: bool = True
+    """Encoder = decoder transpose at init (not tied afterwards)."""
+    scale_encoder: bool = True
+    """TopK family: scale the encoder so reconstructions match input norms on a sample."""
+    decoder_norm: bool = True
+    """Keep decoder directions unit-norm (renormalize after each step, remove the parallel gradient)."""
+    n_sample_tokens: int = 16384
+    """Training activations sampled for the geometric median and the encoder scale."""
+
+    def __post_init__(self) -> None:
+        check_choice("init.b_pre", self.b_pre, ("geometric_median", "zero"))
+        require(self.n_sample_tokens > 0, f"init.n_sample_tokens={self.n_sample_tokens} must be positive")
+
+
+@dataclass
+class CacheConfig:
+    """The on-disk activation cache."""
+
+    dir: str = "outputs/activations"
+    """Root folder of all caches; each cache is a sub-folder named by its content key."""
+    dtype: str = "float32"
+    """Storage dtype of cached activations."""
+    shard_mb: int = 256
+    """Target size of one shard file."""
+    verify: bool = True
+    """Check every shard's sha256 against the manifest when the cache is opened."""
+    batch_windows: int = 64
+    """Token windows per model forward pass while building."""
+
+    def __post_init__(self) -> None:
+        check_choice("cache.dtype", self.dtype, DTYPES)
+        require(self.shard_mb > 0, f"cache.shard_mb={self.shard_mb} must be positive")
+        require(self.batch_windows > 0, f"cache.batch_windows={self.batch_windows} must be positive")
+
+
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def hook_layer(hook: str) -> Optional[int]:
+    """Layer index of a `blocks.{L}.…` hook name, None for hooks outside the blocks."""
+    match = _BLOCK_HOOK.match(hook)
+    return int(match.group(1)) if match else None
+
+
+@dataclass
+class SiteConfig:
+    """Shared by every command that reads activations: model, hook point, data, cache, device."""
+
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    layer: int = 2
+    """Block whose residual stream is read (`blocks.{layer}.hook_resid_post`)."""
+    hook: Optional[str] = None
+    """Any transformer-lens hook name; overrides `layer` when set."""
+    device: str = "auto"
+    """`auto` (CUDA when present), `cpu` or `cuda`."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("device", self.device, DEVICES)
+        require(self.layer >= 0, f"layer={self.layer} must be >= 0")
+
+    @property
+    def hook_name(self) -> str:
+        return self.hook or f"blocks.{self.layer}.hook_resid_post"
+
+    @property
+    def hook_layer(self) -> Optional[int]:
+        return hook_layer(self.hook_name)
+
+
+@dataclass
+class TrainConfig(SiteConfig):
+    """`saekit train`: one SAE on one hook."""
+
+    activation: ActivationConfig = MISSING
+    dead: DeadConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    init: InitConfig = field(default_factory=InitConfig)
+    n: int = 512
+    """Number of latents (dictionary size)."""
+    k: int = 32
+    """Active latents per token (TopK family)."""
+    lam: float = 1.0
+    """Sparsity coefficient lambda (ReLU family)."""
+    n_tokens: int = 1_000_000
+    """Training tokens (the cache is looped over in epochs if it holds fewer)."""
+    batch_size: int = 4096
+    """Tokens per optimizer step."""
+    log_every_steps: int = 10
+    ckpt_every_steps: int = 100
+    resume: bool = True
+    """Continue from the run folder's last checkpoint when the config matches."""
+    run_id: Optional[str] = None
+    """Name of the run in results tables; defaults to the run folder's name."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Filled by the CLI with the command-line overrides that made the run (results table columns)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.n > 0, f"n={self.n} must be positive")
+        require(0 < self.k <= self.n, f"k={self.k} must be in 1..n (n={self.n}); lower k or raise n")
+        require(self.lam >= 0, f"lam={self.lam} must be >= 0")
+        require(self.n_tokens > 0, f"n_tokens={self.n_tokens} must be positive")
+        require(self.batch_size > 0, f"batch_size={self.batch_size} must be positive")
+        require(
+            self.n_tokens >= self.batch_size,
+            f"n_tokens={self.n_tokens} is smaller than one batch (batch_size={self.batch_size}); raise n_tokens",
+        )
+        require(self.log_every_steps > 0, f"log_every_steps={self.log_every_steps} must be positive")
+        require(self.ckpt_every_steps > 0, f"ckpt_every_steps={self.ckpt_every_steps} must be positive")
+
+    @property
+    def n_steps(self) -> int:
+        return self.n_tokens // self.batch_size
+
+
+@dataclass
+class CacheCommandConfig(SiteConfig):
+    """`saekit cache`: build or reuse the activation cache for a model, hook and dataset."""
+
+    n_tokens: int = 1_000_000
+    """Used only to cap the cached training tokens of streaming datasets."""
+
+
+@dataclass
+class EvalConfig:
+    """`saekit eval`: recompute metrics of a trained SAE on held-out tokens."""
+
+    ckpt: str = MISSING
+    """A run folder or a checkpoint file (`sae.safetensors`)."""
+    data: Optional[DataConfig] = None
+    """Evaluation data; None reuses the training run's data (its held-out split)."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    device: str = "auto"
+    batch_size: int = 8192
+    """Tokens per evaluation batch."""
+
+    def __post_init__(self) -> None:
+        check_choice("device", self.device, DEVICES)
+        require(self.batch_size > 0, f"batch_size={self.batch_size} must be positive")
+
+
+def register_schemas() -> None:
+    """Register the schemas in Hydra's ConfigStore so `conf/` is validated against them."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="cache_schema", node=CacheCommandConfig)
+    cs.store(name="eval_schema", node=EvalConfig)

@@ -1,0 +1,65 @@
+"""Shuffled training batches from the activation cache, addressable by step (so a resumed run sees the same data).
+
+Each epoch is a fresh permutation of all training vectors drawn from a generator seeded by (seed, epoch);
+batch `i` of an epoch is a slice of that permutation, gathered from the memory-mapped shards.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from saekit.cache import ActivationCache
+
+
+class ShuffledBatches:
+    """Batch `step` of an endless, epoch-wise shuffled stream over one split of a cache."""
+
+    def __init__(self, cache: ActivationCache, split: str, batch_size: int, seed: int):
+        self.cache = cache
+        self.shards = cache.shards(split)
+        sizes = np.array([shard.shape[0] for shard in self.shards], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])
+        self.n_rows = int(self.offsets[-1])
+        self.batch_size = batch_size
+        self.batches_per_epoch = self.n_rows // batch_size
+        if self.batches_per_epoch == 0:
+            from saekit.errors import ConfigError
+
+            raise ConfigError(
+                f"batch_size={batch_size} exceeds the {self.n_rows} cached training vectors; lower batch_size or add data"
+            )
+        self.seed = seed
+        self._epoch = -1
+        self._perm: np.ndarray | None = None
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.batches_per_epoch
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.n_rows, generator=generator).numpy()
+            self._epoch = epoch
+        return self._perm
+
+    def batch(self, step: int) -> torch.Tensor:
+        """The float32 batch used at training step `step` (0-based)."""
+        epoch, index = divmod(step, self.batches_per_epoch)
+        rows = np.sort(self._permutation(epoch)[index * self.batch_size:(index + 1) * self.batch_size])
+        return self.cache.to_torch(self._gather(rows))
+
+    def sample(self, n_rows: int, seed: int) -> torch.Tensor:
+        """A uniform sample of rows (for initialization), independent of the batch order."""
+        generator = torch.Generator().manual_seed(seed)
+        rows = np.sort(torch.randperm(self.n_rows, generator=generator)[: min(n_rows, self.n_rows)].numpy())
+        return self.cache.to_torch(self._gather(rows))
+
+    def _gather(self, rows: np.ndarray) -> np.ndarray:
+        """Rows by global index (sorted), read shard by shard."""
+        shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        parts = []
+        for shard_index in np.unique(shard_of):
+            local = rows[shard_of == shard_index] - self.offsets[shard_index]
+            parts.append(self.shards[shard_index][local])
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]

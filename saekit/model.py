@@ -1,0 +1,158 @@
+"""Load a language model through transformer-lens 4 (`TransformerBridge`) and read activations at a hook."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from saekit.config import ModelConfig, hook_layer
+from saekit.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA when present; asking for `cuda` without it is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but torch sees no CUDA device; use device=cpu or device=auto")
+    return torch.device(device)
+
+
+def looks_local(name: str) -> bool:
+    """A name meant as a folder (absolute, relative with ./ or ../, or ~) rather than a Hub id."""
+    return name.startswith(("/", "./", "../", "~"))
+
+
+@dataclass
+class LoadedModel:
+    """A TransformerBridge plus the facts about it that saekit needs."""
+
+    bridge: object
+    name: str
+    identity: dict
+    d_model: int
+    n_layers: int
+    d_vocab: int
+    bos_token_id: Optional[int]
+    device: torch.device
+
+    @property
+    def tokenizer(self):
+        return self.bridge.tokenizer
+
+    def check_hook(self, hook: str) -> None:
+        """Fail with the valid range when the hook or its layer is not in the model."""
+        layer = hook_layer(hook)
+        if layer is not None and layer >= self.n_layers:
+            raise ConfigError(
+                f"layer={layer} (hook {hook}) is outside {self.name}, which has layers 0..{self.n_layers - 1}; "
+                f"pick a layer in that range"
+            )
+        if hook not in self.bridge.hook_dict:
+            raise ConfigError(
+                f"hook={hook} is not a hook point of {self.name}; use a transformer-lens name such as "
+                f"blocks.0.hook_resid_post (list them with `saekit hooks`)"
+            )
+
+    def hook_width(self, hook: str) -> int:
+        """Width of the activation at `hook`, read from one tiny forward pass."""
+        tokens = torch.full((1, 2), self.bos_token_id or 0, dtype=torch.long, device=self.device)
+        acts = self.run_to_hook(tokens, hook)
+        return acts.shape[-1]
+
+    @torch.no_grad()
+    def run_to_hook(self, tokens: torch.Tensor, hook: str) -> torch.Tensor:
+        """Activations at `hook` for a batch of token windows, running only the blocks up to it."""
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab(act: torch.Tensor, hook=None) -> torch.Tensor:
+            captured["act"] = act.detach()
+            return act
+
+        layer = hook_layer(hook)
+        stop = layer + 1 if layer is not None and layer + 1 < self.n_layers else None
+        self.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, grab)], stop_at_layer=stop)
+        return captured["act"]
+
+    @torch.no_grad()
+    def logits_with_hook(self, tokens: torch.Tensor, hook: str, fn: Optional[Callable]) -> torch.Tensor:
+        """Logits of a full forward pass, with `fn(act) -> act` replacing the activation at `hook`."""
+        if fn is None:
+            return self.bridge(tokens)
+        return self.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, lambda act, hook=None: fn(act))])
+
+
+def _local_identity(folder: Path) -> dict:
+    """Content hash of a local model folder's config and weight files (part of the cache key)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".json", ".safetensors", ".bin", ".model") and path.is_file():
+            digest.update(path.name.encode())
+            digest.update(_file_sha256(path).encode())
+    return {"source": "local", "path": str(folder.resolve()), "sha256": digest.hexdigest()}
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_identity(cfg: ModelConfig) -> dict:
+    """What makes two models the same for caching: local content hash, or hub name plus revision."""
+    folder = Path(cfg.name).expanduser()
+    if folder.is_dir():
+        return _local_identity(folder)
+    if looks_local(cfg.name) or folder.exists():
+        raise ConfigError(f"model.name={cfg.name}: no model folder there; point it at a HuggingFace model folder or a hub name")
+    return {"source": "hub", "name": cfg.name, "revision": cfg.revision or "main"}
+
+
+def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
+    """Boot a TransformerBridge from a local folder or a hub name, with one-line errors when it fails."""
+    identity = model_identity(cfg)
+    target = identity["path"] if identity["source"] == "local" else cfg.name
+    if identity["source"] == "local":
+        # A local folder must never reach for the Hub (this also keeps tests offline).
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformer_lens.model_bridge import TransformerBridge
+
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            target, device=str(device), dtype=_DTYPES[cfg.dtype], revision=cfg.revision
+        )
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"model.name={cfg.name}: could not load it ({first}); use a local model folder or check the hub name and network"
+        ) from exc
+    bridge.eval()
+    model_cfg = bridge.cfg
+    tokenizer = bridge.tokenizer
+    return LoadedModel(
+        bridge=bridge,
+        name=cfg.short_name,
+        identity=identity,
+        d_model=int(model_cfg.d_model),
+        n_layers=int(model_cfg.n_layers),
+        d_vocab=int(model_cfg.d_vocab),
+        bos_token_id=getattr(tokenizer, "bos_token_id", None),
+        device=device,
+    )
+
+
+def identity_json(identity: dict) -> str:
+    return json.dumps(identity, sort_keys=True)

@@ -1,0 +1,37 @@
+"""ReLU SAE with a sparsity penalty (Bricken et al. 2023; Anthropic's April 2024 update).
+
+`l1`: λ Σ_i z_i ||d_i|| (weighting by decoder norms makes the penalty invariant to rescaling a latent);
+`sqrt_l1`: λ Σ_i sqrt(z_i), a concave penalty that shrinks large activations less.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from saekit.sae.base import SparseAutoencoder
+from saekit.sae.registry import register
+
+_SQRT_EPS = 1e-8  # keeps d/dz sqrt(z) finite at z = 0
+
+
+def l1_penalty(z: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of Σ_i z_i ||W_dec[i]||. z: (B, n), W_dec: (n, d) → scalar."""
+    return (z * W_dec.norm(dim=1)).sum(dim=-1).mean()
+
+
+def sqrt_penalty(z: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of Σ_i sqrt(z_i). z: (B, n) → scalar."""
+    return torch.sqrt(z + _SQRT_EPS).sub(_SQRT_EPS ** 0.5).sum(dim=-1).mean()
+
+
+@register
+class ReLUSAE(SparseAutoencoder):
+    name = "relu"
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        return F.relu(h)
+
+    def sparsity_loss(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        penalty = l1_penalty(z, self.W_dec) if self.spec.penalty == "l1" else sqrt_penalty(z)
+        return {"sparsity": self.spec.lam * penalty}

@@ -1,0 +1,128 @@
+"""What each command does, on typed configs (usable from a notebook with plain dataclasses)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+from saekit.cache import ActivationCache, ensure_cache
+from saekit.checkpoint import load_sae, resolve_checkpoint
+from saekit.config import CacheCommandConfig, CacheConfig, DataConfig, EvalConfig, ModelConfig, SiteConfig, TrainConfig
+from saekit.evaluate import check_compatible, evaluate_reconstruction
+from saekit.model import load_model, resolve_device
+from saekit.report import print_summary, tidy_table, write_table
+from saekit.train import fit
+
+console = Console()
+STATUS_FILE = "status.json"
+
+
+@contextmanager
+def _cache_progress(total_tokens: int) -> Iterator:
+    with Progress(TextColumn("[bold]cache[/bold]"), BarColumn(), TaskProgressColumn(),
+                  TextColumn("{task.completed:,}/{task.total:,} tokens"), TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task("cache", total=total_tokens)
+        yield lambda n: bar.advance(task, n)
+
+
+def activation_cache(cfg: SiteConfig, n_tokens: int) -> ActivationCache:
+    """The cache for cfg's model, hook and data: reused when it exists, built (model loaded) when not."""
+    device = resolve_device(cfg.device)
+    return ensure_cache(cfg, n_tokens, lambda: load_model(cfg.model, device), console.print, _cache_progress)
+
+
+def _write_status(run_dir: Path, status: str, **facts) -> None:
+    (run_dir / STATUS_FILE).write_text(json.dumps({"status": status, **facts}, indent=2))
+
+
+def run_facts(cfg: TrainConfig, hook: str, tokens: int) -> dict:
+    """The id columns of the results table for a training config."""
+    return {"model": cfg.model.short_name, "hook": hook, "layer": cfg.hook_layer, "activation": cfg.activation.name,
+            "n": cfg.n, "k": cfg.k, "lam": cfg.lam, "tokens": tokens}
+
+
+def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
+    """Cache → fit → evaluate on held-out tokens → results.csv/.parquet in the run folder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    cache = activation_cache(cfg, cfg.n_tokens)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+    _write_status(run_dir, "running")
+    started = time.perf_counter()
+    try:
+        result = fit(cfg, cache, run_dir, device, console)
+    except Exception as exc:
+        _write_status(run_dir, "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise
+    metrics, _ = evaluate_reconstruction(result.sae, cache, device)
+    metrics["dead_frac_train"] = result.dead_frac_train
+    run = {"run_id": cfg.run_id or run_dir.name, **run_facts(cfg, cache.manifest["hook"], cfg.n_steps * cfg.batch_size)}
+    write_table(tidy_table(run, metrics, cfg.overrides), run_dir)
+    wall = time.perf_counter() - started
+    _write_status(run_dir, "done", train_tokens_per_s=round(result.tokens_per_s, 1), epochs=round(result.epochs, 3),
+                  wall_s=round(wall, 2))
+    console.print(f"trained {result.steps_run} steps at {result.tokens_per_s:,.0f} tokens/s "
+                  f"({result.epochs:.2f} epochs over {cache.n_acts('train'):,} cached vectors)")
+    print_summary(console, f"held-out metrics ({cache.n_acts('eval'):,} tokens) — {run_dir}", run, metrics)
+    return metrics
+
+
+def _site_from_checkpoint(meta: dict, cfg: EvalConfig) -> tuple[SiteConfig, int]:
+    """The model/hook/data a checkpoint was trained on (data replaced when eval names one)."""
+    trained = meta.get("train_config")
+    if trained is None:
+        from saekit.errors import DataError
+
+        raise DataError("ckpt: the checkpoint records no training config; evaluate a checkpoint written by saekit train")
+    data = cfg.data if cfg.data is not None else DataConfig(**trained["data"])
+    site = SiteConfig(model=ModelConfig(**trained["model"]), data=data, cache=cfg.cache, layer=trained["layer"],
+                      hook=trained["hook"], device=cfg.device, seed=trained["seed"])
+    return site, int(trained["n_tokens"])
+
+
+def evaluate(cfg: EvalConfig, run_dir: Path) -> dict[str, float]:
+    """Reload a checkpoint, rebuild (or reuse) its held-out activations, and write the same results table."""
+    device = resolve_device(cfg.device)
+    ckpt = resolve_checkpoint(cfg.ckpt)
+    sae, meta = load_sae(ckpt, device)
+    site, n_tokens = _site_from_checkpoint(meta, cfg)
+    cache = activation_cache(site, n_tokens)
+    check_compatible(sae, cache, str(ckpt))
+    metrics, _ = evaluate_reconstruction(sae, cache, device, cfg.batch_size)
+    trained = TrainConfig(**{**meta["train_config"], **_nested_configs(meta["train_config"])})
+    run = {"run_id": ckpt.parent.name, **run_facts(trained, cache.manifest["hook"], trained.n_steps * trained.batch_size)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_table(tidy_table(run, metrics, {"ckpt": str(ckpt), "eval_data": site.data.name}), run_dir)
+    print_summary(console, f"held-out metrics ({cache.n_acts('eval'):,} tokens, {site.data.name}) — {run_dir}", run, metrics)
+    return metrics
+
+
+def _nested_configs(trained: dict) -> dict:
+    """Rebuild the nested dataclasses of a saved TrainConfig dict."""
+    from saekit.config import ActivationConfig, DeadConfig, InitConfig, OptimizerConfig
+
+    types = {"model": ModelConfig, "data": DataConfig, "cache": CacheConfig, "activation": ActivationConfig,
+             "dead": DeadConfig, "optimizer": OptimizerConfig, "init": InitConfig}
+    return {key: kind(**trained[key]) for key, kind in types.items()}
+
+
+def cache(cfg: CacheCommandConfig, run_dir: Path) -> None:
+    """Build (or reuse) the cache and say where it is."""
+    built = activation_cache(cfg, cfg.n_tokens)
+    splits = built.manifest["splits"]
+    console.print(f"cache ready: {built.root}\n  train {splits['train']['n_acts']:,} vectors, "
+                  f"eval {splits['eval']['n_acts']:,} vectors, d={built.d}, {built.manifest['dtype']}")
+
+
+def hooks(cfg: CacheCommandConfig, run_dir: Path) -> None:
+    """Print the model's hook names (what `hook=` accepts)."""
+    model = load_model(cfg.model, resolve_device(cfg.device))
+    for name in sorted(model.bridge.hook_dict):
+        console.print(name, highlight=False)

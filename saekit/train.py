@@ -1,0 +1,260 @@
+"""The training loop: a readable table of contents, with each step a small function (SPEC section 3)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from saekit.cache import ActivationCache
+from saekit.checkpoint import SAE_FILE, STATE_FILE, load_train_state, read_metadata, save_sae, save_train_state
+from saekit.config import TrainConfig
+from saekit.errors import ConfigError, TrainingDiverged
+from saekit.loader import ShuffledBatches
+from saekit.sae import SAESpec, SparseAutoencoder, build_sae
+
+STEP_LOG = "steps.csv"
+STEP_COLUMNS = ("step", "tokens", "loss", "mse", "l0", "dead_frac", "lr", "tokens_per_s", "sparsity_loss", "auxk_loss",
+                "epoch")
+# Settings that do not change what a run computes; a resumed run may differ in these.
+_RESUME_IGNORED = ("device", "resume", "log_every_steps", "ckpt_every_steps", "run_id", "overrides", "cache")
+
+
+def spec_from_config(cfg: TrainConfig, d: int) -> SAESpec:
+    return SAESpec(
+        activation=cfg.activation.name, d=d, n=cfg.n, k=cfg.k, lam=cfg.lam, penalty=cfg.activation.penalty,
+        topk_on=cfg.activation.topk_on, normalize=cfg.data.normalize, dead_method=cfg.dead.method,
+        k_aux=cfg.dead.k_aux, aux_alpha=cfg.dead.aux_alpha,
+    )
+
+
+def config_fingerprint(cfg: TrainConfig) -> str:
+    """Hash of the settings that decide the result; a checkpoint resumes only under the same fingerprint."""
+    settings = {key: value for key, value in dataclasses.asdict(cfg).items() if key not in _RESUME_IGNORED}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def base_learning_rate(cfg: TrainConfig, d: int) -> float:
+    """The configured rate, or 2e-4 / sqrt(n / 2^14) · sqrt(768 / d).
+
+    The first factor is Gao et al. 2024 (A.3), fitted at GPT-2 width (d = 768). The second is saekit's: Adam
+    moves each coordinate by about lr, and a unit-norm row of width d has coordinates of size 1/sqrt(d), so
+    the same relative step needs lr ∝ 1/sqrt(d). On stories260k (d = 64) it gives 3.9e-3 for n = 512, which
+    measured better than the unscaled 1.1e-3 (held-out nmse 0.109 vs 0.161, TopK k = 8, 1M tokens).
+    """
+    if cfg.optimizer.lr is not None:
+        return cfg.optimizer.lr
+    return 2e-4 / math.sqrt(cfg.n / 2**14) * math.sqrt(768 / d)
+
+
+def learning_rate(cfg: TrainConfig, d: int, step: int) -> float:
+    """Linear warmup (≤ 5% of the run), constant, then linear decay to 0 over the last `decay_frac`."""
+    total = cfg.n_steps
+    warmup = min(cfg.optimizer.warmup_steps, total // 20)
+    factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    decay_steps = int(total * cfg.optimizer.decay_frac)
+    if decay_steps > 0 and step >= total - decay_steps:
+        factor *= (total - step) / decay_steps
+    return base_learning_rate(cfg, d) * factor
+
+
+def dead_window_tokens(cfg: TrainConfig) -> int:
+    """The dead-latent window, scaled down for short runs so 'dead' can happen at all (≤ 10% of the run)."""
+    return max(cfg.batch_size, min(cfg.dead.window_tokens, cfg.n_tokens // 10))
+
+
+@dataclass
+class DeadLatents:
+    """Tokens since each latent last fired; dead once that reaches the window."""
+
+    tokens_since_fired: torch.Tensor
+    window: int
+
+    def update(self, fired: torch.Tensor, n_tokens: int) -> None:
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired.to(self.tokens_since_fired.device)] = 0
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.tokens_since_fired >= self.window
+
+    @property
+    def fraction(self) -> float:
+        return float(self.mask.float().mean())
+
+
+class StepLog:
+    """The step table (`steps.csv`), appended as training goes, cut back to the checkpoint on resume."""
+
+    def __init__(self, path: Path, resume_step: Optional[int]):
+        self.path = path
+        if resume_step is None or not path.exists():
+            with open(path, "w", newline="") as handle:
+                csv.writer(handle).writerow(STEP_COLUMNS)
+        else:
+            with open(path, newline="") as handle:
+                rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
+            with open(path, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=STEP_COLUMNS)
+                writer.writeheader()
+                writer.writerows(rows)
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=STEP_COLUMNS).writerow(row)
+
+
+@dataclass
+class TrainResult:
+    sae: SparseAutoencoder
+    steps_run: int
+    resumed_from: Optional[int]
+    tokens_per_s: float
+    dead_frac_train: float
+    epochs: float
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]train[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+        TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, transient=False,
+    )
+
+
+def initialize(sae: SparseAutoencoder, cfg: TrainConfig, loader: ShuffledBatches, mean_norm: float) -> None:
+    """SPEC 3 initialization from a sample of (normalized) training activations."""
+    if cfg.data.normalize == "scale":
+        # E||x|| = sqrt(d) after scaling; the scale is a buffer, so it is saved and undone on splicing.
+        sae.input_scale.fill_(math.sqrt(sae.spec.d) / max(mean_norm, 1e-12))
+    sample, _ = sae.normalize_input(loader.sample(cfg.init.n_sample_tokens, seed=cfg.seed))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sae.initialize(sample, cfg.init.b_pre, cfg.init.tied, cfg.init.scale_encoder, generator)
+
+
+def make_optimizer(sae: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Optimizer:
+    opt = cfg.optimizer
+    return torch.optim.Adam(sae.parameters(), lr=base_learning_rate(cfg, sae.spec.d), betas=(opt.beta1, opt.beta2), eps=opt.eps)
+
+
+def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               dead: DeadLatents, cfg: TrainConfig, lr: float) -> dict[str, torch.Tensor]:
+    """One optimizer step: loss, backward, decoder-gradient projection, clip, step, renormalize."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    terms = sae.loss_terms(x, dead.mask)
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    if cfg.init.decoder_norm:
+        sae.project_decoder_grad_()
+    if cfg.optimizer.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.optimizer.grad_clip)
+    optimizer.step()
+    if cfg.init.decoder_norm:
+        sae.normalize_decoder_()
+    dead.update(terms["fired"], x.shape[0])
+    return terms
+
+
+def _check_finite(loss: float, step: int, last_ckpt_step: Optional[int], run_dir: Path) -> None:
+    if not math.isfinite(loss):
+        kept = f"the last good checkpoint (step {last_ckpt_step}) is kept in {run_dir / STATE_FILE}" if last_ckpt_step is not None \
+            else "no checkpoint had been written yet"
+        raise TrainingDiverged(
+            f"loss became {loss} at step {step}; {kept}. Lower optimizer.lr (or set optimizer.grad_clip) and run again"
+        )
+
+
+def _resume_point(cfg: TrainConfig, run_dir: Path) -> Optional[dict]:
+    """Facts of a checkpoint this run can continue from, or None to start fresh."""
+    state_path = run_dir / STATE_FILE
+    if not cfg.resume or not state_path.is_file():
+        return None
+    facts = read_metadata(state_path)
+    if facts.get("config_fingerprint") != config_fingerprint(cfg):
+        raise ConfigError(
+            f"hydra.run.dir={run_dir} holds a checkpoint of a different configuration; use another hydra.run.dir, "
+            f"or resume=false to overwrite it"
+        )
+    return facts
+
+
+def fit(cfg: TrainConfig, cache: ActivationCache, run_dir: Path, device: torch.device, console: Console) -> TrainResult:
+    """Train one SAE on the cache's training split; resumes from `run_dir`'s checkpoint when it matches."""
+    loader = ShuffledBatches(cache, "train", cfg.batch_size, cfg.seed)
+    sae = build_sae(spec_from_config(cfg, cache.d))
+    resume = _resume_point(cfg, run_dir)
+    if resume is None:
+        initialize(sae, cfg, loader, cache.manifest["splits"]["train"]["mean_norm"])
+    sae.to(device)
+    optimizer = make_optimizer(sae, cfg)
+    dead = DeadLatents(torch.zeros(cfg.n, dtype=torch.long, device=device), dead_window_tokens(cfg))
+    start = 0
+    if resume is not None:
+        counters, facts = load_train_state(run_dir / STATE_FILE, sae, optimizer)
+        dead.tokens_since_fired = counters["tokens_since_fired"].to(device)
+        start = int(facts["step"])
+        console.print(f"resuming from step {start} of {cfg.n_steps} ({run_dir / STATE_FILE})")
+    log = StepLog(run_dir / STEP_LOG, start if resume is not None else None)
+    facts = {"config_fingerprint": config_fingerprint(cfg), "train_config": dataclasses.asdict(cfg)}
+
+    def checkpoint(step: int) -> None:
+        save_train_state(run_dir / STATE_FILE, sae, optimizer, {"tokens_since_fired": dead.tokens_since_fired},
+                         {**facts, "step": step})
+        save_sae(run_dir / SAE_FILE, sae, {**facts, "step": step, "finished": step >= cfg.n_steps})
+
+    last_ckpt = start if resume is not None else None
+    tokens_timed, time_spent = 0, 0.0
+    with _progress(console) as progress:
+        task = progress.add_task("train", total=cfg.n_steps, completed=start, stats="")
+        for step in range(start, cfg.n_steps):
+            began = time.perf_counter()
+            x, _ = sae.normalize_input(loader.batch(step).to(device, non_blocking=True))
+            terms = train_step(sae, optimizer, x, dead, cfg, learning_rate(cfg, cache.d, step))
+            loss = float(terms["loss"])
+            time_spent += time.perf_counter() - began
+            tokens_timed += x.shape[0]
+            _check_finite(loss, step, last_ckpt, run_dir)
+            done = step + 1
+            if done % cfg.log_every_steps == 0 or done == cfg.n_steps:
+                row = _log_row(terms, done, cfg, dead, learning_rate(cfg, cache.d, step), tokens_timed / max(time_spent, 1e-9),
+                               loader.epoch_of(step))
+                log.append(row)
+                progress.update(task, stats=f"loss {row['loss']:.4g}  L0 {row['l0']:.1f}  dead {row['dead_frac']:.1%}  "
+                                            f"{row['tokens_per_s']:,.0f} tok/s")
+            if done % cfg.ckpt_every_steps == 0 or done == cfg.n_steps:
+                checkpoint(done)
+                last_ckpt = done
+            progress.update(task, completed=done)
+    if start >= cfg.n_steps:
+        checkpoint(cfg.n_steps)  # an already finished run: make sure sae.safetensors is the final one
+    return TrainResult(sae=sae, steps_run=cfg.n_steps - start, resumed_from=start if resume is not None else None,
+                       tokens_per_s=tokens_timed / max(time_spent, 1e-9), dead_frac_train=dead.fraction,
+                       epochs=cfg.n_steps * cfg.batch_size / loader.n_rows)
+
+
+def _log_row(terms: dict, step: int, cfg: TrainConfig, dead: DeadLatents, lr: float, tokens_per_s: float,
+             epoch: int) -> dict:
+    return {
+        "step": step,
+        "tokens": step * cfg.batch_size,
+        "loss": float(terms["loss"]),
+        "mse": float(terms["mse"]),
+        "l0": float(terms["l0"]),
+        "dead_frac": dead.fraction,
+        "lr": lr,
+        "tokens_per_s": round(tokens_per_s, 1),
+        "sparsity_loss": float(terms["sparsity"]) if "sparsity" in terms else 0.0,
+        "auxk_loss": float(terms["auxk"]) if "auxk" in terms else 0.0,
+        "epoch": epoch,
+    }
