@@ -93,6 +93,8 @@ class ActivationCache:
 
     def to_torch(self, rows: np.ndarray) -> torch.Tensor:
         """Rows read from a shard as a float32 tensor (bfloat16 shards are stored as uint16)."""
+        if not rows.flags.writeable:  # a view into the read-only memory map: copy it out
+            rows = np.array(rows)
         tensor = torch.from_numpy(np.ascontiguousarray(rows))
         if self.manifest["dtype"] == "bfloat16":
             tensor = tensor.view(torch.bfloat16)

@@ -54,7 +54,7 @@ def _first_line(text: str) -> str:
 def describe_config_error(exc: BaseException) -> str:
     """Turn a Hydra/OmegaConf composition error into one line naming the setting and the fix."""
     from hydra.errors import MissingConfigException
-    from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
     chain, cause = [], exc
     while cause is not None and cause not in chain:
@@ -67,7 +67,7 @@ def describe_config_error(exc: BaseException) -> str:
         if isinstance(error, MissingMandatoryValue):
             key = getattr(error, "full_key", "") or _first_line(error)
             return f"{key} is required; set it on the command line ({key}=...)"
-        if isinstance(error, ConfigKeyError):
+        if isinstance(error, (ConfigKeyError, ConfigAttributeError)):
             key = getattr(error, "full_key", "") or getattr(error, "key", "")
             return f"{key} is not a saekit setting; check the spelling (`saekit <command> --cfg job` shows all settings)"
         if isinstance(error, OmegaConfBaseException) and getattr(error, "full_key", None):
@@ -103,7 +103,7 @@ def to_dataclass(cfg) -> Any:
     return OmegaConf.to_object(cfg)
 
 
-def preflight(config_name: str, overrides: list[str]) -> None:
+def preflight(config_name: str, overrides: list[str]) -> Any:
     """Compose and validate before Hydra creates any folder, so bad input leaves nothing behind."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -114,7 +114,7 @@ def preflight(config_name: str, overrides: list[str]) -> None:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            to_dataclass(compose(config_name=config_name, overrides=task_overrides))
+            return to_dataclass(compose(config_name=config_name, overrides=task_overrides))
     except SaekitError as exc:
         _fail(str(exc))
     except Exception as exc:  # Hydra and OmegaConf raise many types; all are configuration mistakes here
@@ -198,13 +198,27 @@ def main(argv: Optional[list[str]] = None) -> None:
     if command == "sweep":
         rest = ["--multirun", *rest]
     elif not wants_hydra_flag:
-        preflight(config_name, rest)
+        checked = preflight(config_name, rest)
+        if command == "hooks":  # prints only: no run folder, no log file
+            from saekit import tasks
+
+            absolutize_paths(checked)
+            return _run_plain(tasks.hooks, checked)
     from saekit import tasks
 
     task = {"train": tasks.train, "sweep": tasks.train, "eval": tasks.evaluate, "cache": tasks.cache,
             "hooks": tasks.hooks}[command]
     sys.argv = [f"saekit-{command}", f"hydra.job.name={command}", *rest]
     _hydra_run(config_name, lambda cfg, run_dir: task(_prepare(cfg), run_dir))
+
+
+def _run_plain(task: Callable[[Any, Path], None], cfg) -> None:
+    from saekit.errors import SaekitError
+
+    try:
+        task(cfg, Path("."))
+    except SaekitError as exc:
+        _fail(str(exc))
 
 
 def _prepare(cfg):

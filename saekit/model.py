@@ -128,7 +128,10 @@ def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     if identity["source"] == "local":
         # A local folder must never reach for the Hub (this also keeps tests offline).
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
     from transformer_lens.model_bridge import TransformerBridge
+
+    transformers.utils.logging.disable_progress_bar()  # saekit shows its own progress
 
     try:
         bridge = TransformerBridge.boot_transformers(
