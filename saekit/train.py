@@ -221,11 +221,11 @@ def fit(cfg: TrainConfig, cache: ActivationCache, run_dir: Path, device: torch.d
             began = time.perf_counter()
             x, _ = sae.normalize_input(loader.batch(step).to(device, non_blocking=True))
             terms = train_step(sae, optimizer, x, dead, cfg, learning_rate(cfg, cache.d, step))
-            loss = float(terms["loss"])
+            loss = float(terms["loss"].detach())
             time_spent += time.perf_counter() - began
             tokens_timed += x.shape[0]
-            _check_finite(loss, step, last_ckpt, run_dir)
             done = step + 1
+            _check_finite(loss, done, last_ckpt, run_dir)
             if done % cfg.log_every_steps == 0 or done == cfg.n_steps:
                 row = _log_row(terms, done, cfg, dead, learning_rate(cfg, cache.d, step), tokens_timed / max(time_spent, 1e-9),
                                loader.epoch_of(step))
@@ -248,13 +248,13 @@ def _log_row(terms: dict, step: int, cfg: TrainConfig, dead: DeadLatents, lr: fl
     return {
         "step": step,
         "tokens": step * cfg.batch_size,
-        "loss": float(terms["loss"]),
-        "mse": float(terms["mse"]),
+        "loss": float(terms["loss"].detach()),
+        "mse": float(terms["mse"].detach()),
         "l0": float(terms["l0"]),
         "dead_frac": dead.fraction,
         "lr": lr,
         "tokens_per_s": round(tokens_per_s, 1),
-        "sparsity_loss": float(terms["sparsity"]) if "sparsity" in terms else 0.0,
-        "auxk_loss": float(terms["auxk"]) if "auxk" in terms else 0.0,
+        "sparsity_loss": float(terms["sparsity"].detach()) if "sparsity" in terms else 0.0,
+        "auxk_loss": float(terms["auxk"].detach()) if "auxk" in terms else 0.0,
         "epoch": epoch,
     }

@@ -1,0 +1,140 @@
+"""The command line end to end on stories260k: training quality, the results contract, eval, errors, packaging."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+import pandas as pd
+import pytest
+
+from conftest import REPO, cli_env, run_cli
+
+REQUIRED_COLUMNS = ["run_id", "model", "hook", "layer", "activation", "n", "k", "lam", "tokens", "metric", "value"]
+CORE_METRICS = ["mse", "nmse", "explained_variance", "l0", "dead_frac"]
+
+
+def metrics_of(folder) -> dict[str, float]:
+    table = pd.read_csv(folder / "results.csv")
+    return dict(zip(table["metric"], table["value"]))
+
+
+def test_topk_k8_reaches_low_held_out_nmse_with_the_full_results_table(trained_run):
+    table = pd.read_csv(trained_run / "results.csv")
+    assert all(column in table.columns for column in REQUIRED_COLUMNS)
+    metrics = metrics_of(trained_run)
+    assert set(CORE_METRICS) <= set(metrics)
+    assert metrics["nmse"] <= 0.15  # the mean predictor scores 1.0
+    assert abs(metrics["explained_variance"] - (1 - metrics["nmse"])) < 1e-9
+    assert metrics["l0"] == pytest.approx(8.0)
+    assert 0 <= metrics["dead_frac"] <= 1
+    row = table.iloc[0]
+    assert (row["model"], row["hook"], row["layer"], row["activation"], row["n"], row["k"]) == \
+        ("stories260k", "blocks.2.hook_resid_post", 2, "topk", 512, 8)
+    assert row["tokens"] >= 990_000
+    parquet = pd.read_parquet(trained_run / "results.parquet")
+    assert list(parquet["metric"]) == list(table["metric"]) and list(parquet["value"]) == pytest.approx(list(table["value"]))
+    steps = pd.read_csv(trained_run / "steps.csv")
+    for column in ("step", "tokens", "loss", "mse", "l0", "dead_frac", "lr", "tokens_per_s"):
+        assert column in steps.columns
+    assert steps["loss"].iloc[-1] < steps["loss"].iloc[0]
+
+
+@pytest.mark.parametrize("target", ["folder", "file"])
+def test_eval_on_a_run_folder_or_checkpoint_reproduces_the_metrics(trained_run, cache_root, tmp_path, target):
+    ckpt = trained_run if target == "folder" else trained_run / "sae.safetensors"
+    result = run_cli("eval", f"ckpt={ckpt}", f"cache.dir={cache_root}", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "reusing activation cache" in result.stdout  # same model/hook/data as training: no rebuild
+    trained, evaluated = metrics_of(trained_run), metrics_of(tmp_path / "eval")
+    for metric in CORE_METRICS:
+        assert evaluated[metric] == pytest.approx(trained[metric], rel=1e-6, abs=1e-9)
+    assert list(pd.read_csv(tmp_path / "eval" / "results.csv").columns[:11]) == REQUIRED_COLUMNS
+
+
+def test_rerunning_a_finished_run_does_not_train_again(trained_run, cache_root):
+    before = (trained_run / "sae.safetensors").read_bytes()
+    result = run_cli("train", "activation=topk", "k=8", "n=512", "n_tokens=1000000", "data.ctx_len=64",
+                     f"cache.dir={cache_root}", f"hydra.run.dir={trained_run}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "trained 0 steps" in result.stdout
+    assert (trained_run / "sae.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["activation=nope"], "activation=nope is not an option; use one of:"),
+    (["bogus_key=1"], "bogus_key is not a saekit setting"),
+    (["k=0"], "k=0 must be in 1..n"),
+    (["k=600", "n=512"], "k=600 must be in 1..n (n=512)"),
+    (["k=abc"], "k: Value 'abc'"),
+    (["device=tpu"], "device='tpu' is not valid; use one of: auto, cpu, cuda"),
+    (["layer=7"], "layer=7 (hook blocks.7.hook_resid_post) is outside stories260k, which has layers 0..4"),
+    (["hook=blocks.1.hook_nothing"], "hook=blocks.1.hook_nothing is not a hook point of stories260k"),
+    (["model.name=/no/such/model"], "model.name=/no/such/model: no model folder there"),
+    (["data=text_files", "data.paths=[/no/such/text.txt]"], "data.paths: file /no/such/text.txt not found"),
+    (["data.n_train_tokens=50000000"], "data.n_train_tokens=50000000 but the training text (data.paths) holds only"),
+    (["data.n_eval_tokens=50000000"], "data.n_eval_tokens=50000000 but the held-out text holds only"),
+])
+def test_bad_input_is_one_line_naming_the_setting(tmp_path, cache_root, args, expected):
+    run_dir = tmp_path / "run"
+    result = run_cli("train", *args, f"cache.dir={cache_root}", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert errors == [errors[-1]] and errors[0].startswith("saekit: error: "), result.stderr
+    assert expected in errors[0]
+    assert not run_dir.exists()  # nothing is left behind
+
+
+def test_eval_errors_are_one_line(tmp_path):
+    missing = run_cli("eval", f"ckpt={tmp_path / 'nothing'}", f"hydra.run.dir={tmp_path / 'e1'}")
+    assert missing.returncode == 2 and "no such run folder or checkpoint file" in missing.stderr
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    corrupt = run_cli("eval", f"ckpt={broken}", f"hydra.run.dir={tmp_path / 'e2'}")
+    assert corrupt.returncode == 2 and "corrupt or truncated" in corrupt.stderr
+    required = run_cli("eval")
+    assert required.returncode == 2 and "ckpt is required" in required.stderr
+
+
+def test_cache_whose_files_do_not_match_the_manifest_is_refused(tmp_path, small_text):
+    args = ["data=text_files", f"data.paths=[{small_text}]", "data.ctx_len=32", "data.n_eval_tokens=1024",
+            f"cache.dir={tmp_path / 'cache'}"]
+    built = run_cli("cache", *args, f"hydra.run.dir={tmp_path / 'c'}")
+    assert built.returncode == 0, built.stderr[-2000:]
+    shard = next((tmp_path / "cache").glob("*/train_00000.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-8] + b"\x00" * 8)
+    result = run_cli("train", *args, "n_tokens=20000", "batch_size=1024", f"hydra.run.dir={tmp_path / 't'}")
+    assert result.returncode == 2
+    assert "train_00000.safetensors has a different sha256 than the manifest" in result.stderr
+
+
+def test_help_and_cfg_job_compose_the_documented_overrides():
+    helped = run_cli("train", "--help")
+    assert helped.returncode == 0 and "activation: relu, topk" in helped.stdout
+    job = run_cli("train", "activation=relu", "lam=3e-3", "n=4096", "layer=3", "--cfg", "job")
+    assert job.returncode == 0, job.stderr
+    for line in ("name: relu", "lam: 0.003", "'n': 4096", "layer: 3"):
+        assert line in job.stdout
+    card = run_cli("train", "activation=topk", "k=32", "--cfg", "job")
+    assert card.returncode == 0 and "k: 32" in card.stdout and "name: topk" in card.stdout
+    usage = run_cli()
+    assert usage.returncode == 0 and "train" in usage.stdout and "eval" in usage.stdout
+
+
+def test_wheel_ships_conf_and_runs_from_it(tmp_path):
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                            str(tmp_path / "dist"), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("saekit-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "saekit/conf/train.yaml" in names and "saekit/conf/activation/topk.yaml" in names
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    env = dict(cli_env(), PYTHONPATH=str(target))
+    job = subprocess.run([sys.executable, "-c", "import sys; from saekit.cli import conf_dir, main; "
+                          "print(conf_dir()); sys.argv=['saekit','train','k=4','--cfg','job']; main()"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert job.returncode == 0, job.stderr[-2000:]
+    assert str(target / "saekit" / "conf") in job.stdout and "k: 4" in job.stdout
