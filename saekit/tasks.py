@@ -18,6 +18,7 @@ from saekit.config import CacheCommandConfig, CacheConfig, DataConfig, EvalConfi
 from saekit.evaluate import check_compatible, evaluate_reconstruction
 from saekit.model import load_model, resolve_device
 from saekit.report import print_summary, tidy_table, write_table
+from saekit.sae import sae_class
 from saekit.train import fit
 
 console = Console()
@@ -43,9 +44,10 @@ def _write_status(run_dir: Path, status: str, **facts) -> None:
 
 
 def run_facts(cfg: TrainConfig, hook: str, tokens: int) -> dict:
-    """The id columns of the results table for a training config."""
+    """The id columns of the results table; k is empty for the λ-penalized family and λ for the TopK family."""
+    topk_family = sae_class(cfg.activation.name).topk_family
     return {"model": cfg.model.short_name, "hook": hook, "layer": cfg.hook_layer, "activation": cfg.activation.name,
-            "n": cfg.n, "k": cfg.k, "lam": cfg.lam, "tokens": tokens}
+            "n": cfg.n, "k": cfg.k if topk_family else None, "lam": None if topk_family else cfg.lam, "tokens": tokens}
 
 
 def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
@@ -70,7 +72,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
                   wall_s=round(wall, 2))
     console.print(f"trained {result.steps_run} steps at {result.tokens_per_s:,.0f} tokens/s "
                   f"({result.epochs:.2f} epochs over {cache.n_acts('train'):,} cached vectors)")
-    print_summary(console, f"held-out metrics ({cache.n_acts('eval'):,} tokens) — {run_dir}", run, metrics)
+    print_summary(console, f"held-out metrics ({cache.n_acts('eval'):,} tokens)", run, metrics)
+    console.print(f"results: {run_dir / 'results.csv'}", highlight=False)
     return metrics
 
 
@@ -100,7 +103,8 @@ def evaluate(cfg: EvalConfig, run_dir: Path) -> dict[str, float]:
     run = {"run_id": ckpt.parent.name, **run_facts(trained, cache.manifest["hook"], trained.n_steps * trained.batch_size)}
     run_dir.mkdir(parents=True, exist_ok=True)
     write_table(tidy_table(run, metrics, {"ckpt": str(ckpt), "eval_data": site.data.name}), run_dir)
-    print_summary(console, f"held-out metrics ({cache.n_acts('eval'):,} tokens, {site.data.name}) — {run_dir}", run, metrics)
+    print_summary(console, f"held-out metrics ({cache.n_acts('eval'):,} tokens, {site.data.name})", run, metrics)
+    console.print(f"results: {run_dir / 'results.csv'}", highlight=False)
     return metrics
 
 

@@ -124,12 +124,35 @@ class TrainResult:
     epochs: float
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]train[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-        TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, transient=False,
-    )
+class _TrainProgress:
+    """A rich progress bar on a terminal; plain log lines (about every 10%) in files, CI and SLURM logs."""
+
+    def __init__(self, console: Console, total: int, start: int):
+        self.console, self.total = console, total
+        self.every = max(1, total // 10)
+        self.last_printed = start
+        self.bar = None
+        if console.is_terminal:
+            self.bar = Progress(TextColumn("[bold]train[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                console=console)
+            self.task = self.bar.add_task("train", total=total, completed=start, stats="")
+
+    def __enter__(self) -> "_TrainProgress":
+        if self.bar:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar:
+            self.bar.__exit__(*exc)
+
+    def update(self, done: int, stats: Optional[str]) -> None:
+        if self.bar:
+            self.bar.update(self.task, completed=done, **({"stats": stats} if stats else {}))
+        elif stats and (done - self.last_printed >= self.every or done == self.total):
+            self.console.print(f"step {done}/{self.total}  {stats}", highlight=False)
+            self.last_printed = done
 
 
 def initialize(sae: SparseAutoencoder, cfg: TrainConfig, loader: ShuffledBatches, mean_norm: float) -> None:
@@ -215,8 +238,7 @@ def fit(cfg: TrainConfig, cache: ActivationCache, run_dir: Path, device: torch.d
 
     last_ckpt = start if resume is not None else None
     tokens_timed, time_spent = 0, 0.0
-    with _progress(console) as progress:
-        task = progress.add_task("train", total=cfg.n_steps, completed=start, stats="")
+    with _TrainProgress(console, cfg.n_steps, start) as progress:
         for step in range(start, cfg.n_steps):
             began = time.perf_counter()
             x, _ = sae.normalize_input(loader.batch(step).to(device, non_blocking=True))
@@ -226,16 +248,17 @@ def fit(cfg: TrainConfig, cache: ActivationCache, run_dir: Path, device: torch.d
             tokens_timed += x.shape[0]
             done = step + 1
             _check_finite(loss, done, last_ckpt, run_dir)
+            stats = None
             if done % cfg.log_every_steps == 0 or done == cfg.n_steps:
                 row = _log_row(terms, done, cfg, dead, learning_rate(cfg, cache.d, step), tokens_timed / max(time_spent, 1e-9),
                                loader.epoch_of(step))
                 log.append(row)
-                progress.update(task, stats=f"loss {row['loss']:.4g}  L0 {row['l0']:.1f}  dead {row['dead_frac']:.1%}  "
-                                            f"{row['tokens_per_s']:,.0f} tok/s")
+                stats = (f"loss {row['loss']:.4g}  L0 {row['l0']:.1f}  dead {row['dead_frac']:.1%}  "
+                         f"{row['tokens_per_s']:,.0f} tok/s")
             if done % cfg.ckpt_every_steps == 0 or done == cfg.n_steps:
                 checkpoint(done)
                 last_ckpt = done
-            progress.update(task, completed=done)
+            progress.update(done, stats)
     if start >= cfg.n_steps:
         checkpoint(cfg.n_steps)  # an already finished run: make sure sae.safetensors is the final one
     return TrainResult(sae=sae, steps_run=cfg.n_steps - start, resumed_from=start if resume is not None else None,
