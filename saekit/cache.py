@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from saekit import __version__
 from saekit.config import SiteConfig
 from saekit.data import data_fingerprint, load_windows
+from saekit.fileutil import sha256_file
 from saekit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,6 @@ def cache_key(model_identity: dict, hook: str, fingerprint: dict, dtype: str, ex
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _safetensors_memmap(path: Path, name: str) -> np.memmap:
@@ -121,7 +116,7 @@ def open_cache(root: Path, verify: bool) -> ActivationCache:
             problem = "is missing"
         elif path.stat().st_size != entry["bytes"]:
             problem = f"has {path.stat().st_size} bytes, manifest says {entry['bytes']}"
-        elif verify and _sha256(path) != entry["sha256"]:
+        elif verify and sha256_file(path) != entry["sha256"]:
             problem = "has a different sha256 than the manifest"
         if problem:
             raise DataError(
@@ -229,7 +224,7 @@ def build_cache(cfg: SiteConfig, model, final: Path, n_tokens: int,
                              "n_windows": int(split_windows.shape[0]), "shards": writer.shards,
                              "mean_norm": writer.sum_norm / max(writer.n_rows, 1)}
     elapsed = time.perf_counter() - started
-    files = [{"file": p.name, "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.glob("*.safetensors"))]
+    files = [{"file": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.glob("*.safetensors"))]
     manifest = {
         "format": CACHE_FORMAT,
         "saekit_version": __version__,

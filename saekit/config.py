@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from saekit.errors import ConfigError, check_choice, require
+from saekit.errors import check_choice, require
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")

@@ -7,7 +7,6 @@ them; the stream is cut into windows of `ctx_len`, each starting with BOS when `
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from saekit.config import DataConfig
+from saekit.fileutil import sha256_file
 from saekit.errors import DataError
 
 _TOKENIZE_BATCH_DOCS = 256
@@ -29,12 +29,6 @@ class TokenWindows:
     eval: torch.Tensor  # (n_eval_windows, ctx_len) int64
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_file(field_name: str, path_str: str) -> Path:
@@ -168,15 +162,15 @@ def data_fingerprint(cfg: DataConfig, n_tokens: int) -> dict:
     if cfg.source == "text_files":
         # Content, not location: the same files elsewhere give the same key.
         source: dict = {
-            "train_files": [_sha256_file(_check_file("data.paths", p)) for p in cfg.paths],
-            "eval_files": [_sha256_file(_check_file("data.eval_paths", p)) for p in cfg.eval_paths],
+            "train_files": [sha256_file(_check_file("data.paths", p)) for p in cfg.paths],
+            "eval_files": [sha256_file(_check_file("data.eval_paths", p)) for p in cfg.eval_paths],
         }
     else:
         source = {"hf_path": cfg.hf_path, "hf_config": cfg.hf_config, "hf_data_files": cfg.hf_data_files,
                   "split": cfg.split, "eval_split": cfg.eval_split}
         for data_file in cfg.hf_data_files or []:
             if Path(data_file).is_file():
-                source.setdefault("file_sha256", {})[data_file] = _sha256_file(Path(data_file))
+                source.setdefault("file_sha256", {})[data_file] = sha256_file(Path(data_file))
     return {
         "source": source,
         "ctx_len": cfg.ctx_len,

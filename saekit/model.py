@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from saekit.config import ModelConfig, hook_layer
+from saekit.fileutil import sha256_file
 from saekit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -99,16 +100,10 @@ def _local_identity(folder: Path) -> dict:
     for path in sorted(folder.iterdir()):
         if path.suffix in (".json", ".safetensors", ".bin", ".model") and path.is_file():
             digest.update(path.name.encode())
-            digest.update(_file_sha256(path).encode())
+            digest.update(sha256_file(path).encode())
     return {"source": "local", "path": str(folder.resolve()), "sha256": digest.hexdigest()}
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def model_identity(cfg: ModelConfig) -> dict:
