@@ -41,13 +41,18 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 _NUMPY_STORAGE = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32, "I64": np.int64}
 
 
-def cache_key(model_identity: dict, hook: str, fingerprint: dict, dtype: str, exclude_bos: bool) -> str:
+def cache_key(model_identity: dict, model_dtype: str, hook: str, fingerprint: dict, dtype: str, exclude_bos: bool) -> str:
     """Content address of a cache: sha256 over everything that decides its contents."""
-    spec = {"format": CACHE_FORMAT, "model": model_identity, "hook": hook, "data": fingerprint,
-            "dtype": dtype, "exclude_bos": exclude_bos}
+    spec = {"format": CACHE_FORMAT, "model": model_identity, "model_dtype": model_dtype, "hook": hook,
+            "data": fingerprint, "dtype": dtype, "exclude_bos": exclude_bos}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
 
+
+
+def excludes_bos(data) -> bool:
+    """The first position is dropped only when it is the BOS token (windows start with it)."""
+    return data.exclude_bos and data.prepend_bos
 
 
 def _safetensors_memmap(path: Path, name: str) -> np.memmap:
@@ -202,7 +207,7 @@ def build_cache(cfg: SiteConfig, model, final: Path, n_tokens: int,
     model.check_hook(hook)
     windows = load_windows(cfg.data, model.tokenizer, model.bos_token_id, n_tokens)
     d = model.hook_width(hook)
-    per_window = cfg.data.ctx_len - (1 if cfg.data.exclude_bos else 0)
+    per_window = cfg.data.ctx_len - (1 if excludes_bos(cfg.data) else 0)
     n_rows = {split: int(w.shape[0]) * per_window for split, w in (("train", windows.train), ("eval", windows.eval))}
     _report_size(console_print, final, n_rows["train"] + n_rows["eval"], d, cfg.cache.dtype)
 
@@ -218,7 +223,7 @@ def build_cache(cfg: SiteConfig, model, final: Path, n_tokens: int,
         for split, split_windows in (("train", windows.train), ("eval", windows.eval)):
             save_file({"tokens": split_windows.to(torch.int32).contiguous()}, str(tmp / f"tokens_{split}.safetensors"))
             writer = _ShardWriter(tmp, split, shard_rows, dtype)
-            _write_split(model, split_windows, hook, cfg.data.exclude_bos, writer, cfg.cache.batch_windows, advance)
+            _write_split(model, split_windows, hook, excludes_bos(cfg.data), writer, cfg.cache.batch_windows, advance)
             writer.close()
             splits[split] = {"n_acts": writer.n_rows, "n_tokens": int(split_windows.numel()),
                              "n_windows": int(split_windows.shape[0]), "shards": writer.shards,
@@ -237,7 +242,7 @@ def build_cache(cfg: SiteConfig, model, final: Path, n_tokens: int,
         "normalization": "none (raw activations; saekit normalizes at training time and stores the scale in the checkpoint)",
         "ctx_len": cfg.data.ctx_len,
         "prepend_bos": cfg.data.prepend_bos,
-        "exclude_bos": cfg.data.exclude_bos,
+        "exclude_bos": excludes_bos(cfg.data),
         "data": data_fingerprint(cfg.data, n_tokens),
         "data_name": cfg.data.name,
         "splits": splits,
@@ -263,7 +268,8 @@ def ensure_cache(cfg: SiteConfig, n_tokens: int, load_model_fn: Callable[[], obj
     from saekit.model import model_identity
 
     identity = model_identity(cfg.model)
-    key = cache_key(identity, cfg.hook_name, data_fingerprint(cfg.data, n_tokens), cfg.cache.dtype, cfg.data.exclude_bos)
+    key = cache_key(identity, cfg.model.dtype, cfg.hook_name, data_fingerprint(cfg.data, n_tokens), cfg.cache.dtype,
+                    excludes_bos(cfg.data))
     root = Path(cfg.cache.dir).expanduser()
     final = root / key
     with _locked(root / f".{key}.lock"):

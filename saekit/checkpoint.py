@@ -61,8 +61,9 @@ def load_sae(path: Path, device: torch.device | str = "cpu") -> tuple[SparseAuto
     sae = build_sae(SAESpec.from_dict(meta["spec"]))
     tensors = _load_tensors(path)
     expected = set(sae.state_dict())
-    if set(tensors) < expected:
-        raise DataError(f"ckpt={path}: missing tensors {sorted(expected - set(tensors))}; the checkpoint is incomplete")
+    if not expected <= set(tensors):
+        raise DataError(f"ckpt={path}: missing tensors {sorted(expected - set(tensors))}; pass a run folder or its "
+                        f"{SAE_FILE} (not the training state)")
     sae.load_state_dict({name: tensors[name] for name in expected})
     return sae.to(device), meta
 

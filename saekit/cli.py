@@ -194,9 +194,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     config_name = COMMANDS[command][0]
     _register()
     wants_hydra_flag = any(arg.split("=")[0] in _HYDRA_FLAGS for arg in rest)
-    if command == "sweep":
-        rest = ["--multirun", *rest]
-    elif not wants_hydra_flag:
+    multirun = command == "sweep"
+    if not wants_hydra_flag and not multirun:
         checked = preflight(config_name, rest)
         if command == "hooks":  # prints only: no run folder, no log file
             from saekit import tasks
@@ -207,7 +206,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     task = {"train": tasks.train, "sweep": tasks.train, "eval": tasks.evaluate, "cache": tasks.cache,
             "hooks": tasks.hooks}[command]
-    sys.argv = [f"saekit-{command}", f"hydra.job.name={command}", *rest]
+    # Hydra's parser wants its flags before the overrides.
+    sys.argv = [f"saekit-{command}", *(["--multirun"] if multirun else []), f"hydra.job.name={command}", *rest]
     _hydra_run(config_name, lambda cfg, run_dir: task(_prepare(cfg), run_dir))
 
 

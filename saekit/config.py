@@ -173,7 +173,7 @@ class InitConfig:
     tied: bool = True
     """Encoder = decoder transpose at init (not tied afterwards)."""
     scale_encoder: bool = True
-    """TopK family: scale the encoder so reconstructions match input norms on a sample."""
+    """Scale the encoder so reconstructions match input norms on a sample (TopK and ReLU)."""
     decoder_norm: bool = True
     """Keep decoder directions unit-norm (renormalize after each step, remove the parallel gradient)."""
     n_sample_tokens: int = 16384

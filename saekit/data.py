@@ -48,7 +48,9 @@ def read_text_documents(path: Path, separator: str) -> list[str]:
             raise DataError(f"data.paths: {path} is not valid JSON ({exc.msg}); give a JSON list of strings or a .txt") from exc
         if not isinstance(items, list):
             raise DataError(f"data.paths: {path} must hold a JSON list of strings")
-        docs = [item["text"] if isinstance(item, dict) else str(item) for item in items]
+        if not all(isinstance(item, str) or (isinstance(item, dict) and isinstance(item.get("text"), str)) for item in items):
+            raise DataError(f"data.paths: {path} must hold a JSON list of strings (or of objects with a \"text\" string)")
+        docs = [item["text"] if isinstance(item, dict) else item for item in items]
     else:
         docs = raw.split(separator) if separator else [raw]
     return [doc.strip() for doc in docs if doc.strip()]
@@ -69,12 +71,15 @@ def _hf_documents(cfg: DataConfig, split: str) -> Iterator[str]:
         if cfg.text_column not in row:
             raise DataError(f"data.text_column={cfg.text_column} is not a column of {cfg.hf_path}; columns: {', '.join(row)}")
         text = row[cfg.text_column]
+        if text is not None and not isinstance(text, str):
+            raise DataError(f"data.text_column={cfg.text_column} holds {type(text).__name__} values, not text; name a text column")
         if text and text.strip():
             yield text.strip()
 
 
-def _token_stream(docs: Iterable[str], tokenizer, bos_id: Optional[int], prepend_bos: bool) -> Iterator[list[int]]:
-    """Token ids of each document, in batches, with BOS between documents."""
+def _token_stream(docs: Iterable[str], tokenizer, bos_id: Optional[int], prepend_bos: bool,
+                  batch_docs: int = _TOKENIZE_BATCH_DOCS) -> Iterator[list[int]]:
+    """Token ids of each document (tokenized `batch_docs` at a time), with BOS between documents."""
     batch: list[str] = []
     first = True
 
@@ -89,7 +94,7 @@ def _token_stream(docs: Iterable[str], tokenizer, bos_id: Optional[int], prepend
 
     for doc in docs:
         batch.append(doc)
-        if len(batch) >= _TOKENIZE_BATCH_DOCS:
+        if len(batch) >= batch_docs:
             yield from flush(batch)
             batch = []
     if batch:
@@ -103,14 +108,19 @@ def make_windows(
     ctx_len: int,
     prepend_bos: bool,
     max_windows: Optional[int] = None,
+    batch_docs: int = _TOKENIZE_BATCH_DOCS,
 ) -> torch.Tensor:
-    """Cut the joined token stream into (n_windows, ctx_len) windows; stops early at `max_windows`."""
+    """Cut the joined token stream into (n_windows, ctx_len) windows; stops early at `max_windows`.
+
+    Documents are pulled from `docs` only as needed (`batch_docs` at a time), so a shared iterator can go on
+    to feed the next split.
+    """
     if prepend_bos and bos_id is None:
         raise DataError("data.prepend_bos=true but the tokenizer has no BOS token; set data.prepend_bos=false")
     body = ctx_len - 1 if prepend_bos else ctx_len
     windows: list[list[int]] = []
     pending: list[int] = []
-    for ids in _token_stream(docs, tokenizer, bos_id, prepend_bos):
+    for ids in _token_stream(docs, tokenizer, bos_id, prepend_bos, batch_docs):
         pending.extend(ids)
         while len(pending) >= body:
             chunk, pending = pending[:body], pending[body:]
@@ -196,9 +206,10 @@ def load_windows(cfg: DataConfig, tokenizer, bos_id: Optional[int], n_tokens: in
         if cfg.eval_split:
             train_docs, eval_docs = _hf_documents(cfg, cfg.split), _hf_documents(cfg, cfg.eval_split)
         else:
-            # One pass: the first documents are held out, the rest train.
+            # One pass: the first documents are held out, the rest train. One document at a time for the
+            # held-out part, so no document read past the held-out windows is lost to training.
             stream = _hf_documents(cfg, cfg.split)
-            eval_windows = make_windows(stream, tokenizer, bos_id, cfg.ctx_len, cfg.prepend_bos, eval_max)
+            eval_windows = make_windows(stream, tokenizer, bos_id, cfg.ctx_len, cfg.prepend_bos, eval_max, batch_docs=1)
             train_windows = make_windows(stream, tokenizer, bos_id, cfg.ctx_len, cfg.prepend_bos, train_max)
             return _finish(cfg, train_windows, eval_windows, where_train, where_eval)
     eval_windows = make_windows(eval_docs, tokenizer, bos_id, cfg.ctx_len, cfg.prepend_bos, eval_max)

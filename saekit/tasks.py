@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,7 +41,9 @@ def activation_cache(cfg: SiteConfig, n_tokens: int) -> ActivationCache:
 
 
 def _write_status(run_dir: Path, status: str, **facts) -> None:
-    (run_dir / STATUS_FILE).write_text(json.dumps({"status": status, **facts}, indent=2))
+    tmp = run_dir / f".{STATUS_FILE}.tmp"
+    tmp.write_text(json.dumps({"status": status, **facts}, indent=2))
+    os.replace(tmp, run_dir / STATUS_FILE)
 
 
 def run_facts(cfg: TrainConfig, hook: str, tokens: int) -> dict:
@@ -60,7 +63,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     started = time.perf_counter()
     try:
         result = fit(cfg, cache, run_dir, device, console)
-    except Exception as exc:
+    except BaseException as exc:  # Ctrl-C too: the status must not stay "running"
         _write_status(run_dir, "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise
     metrics, _ = evaluate_reconstruction(result.sae, cache, device)

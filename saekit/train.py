@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +39,10 @@ def spec_from_config(cfg: TrainConfig, d: int) -> SAESpec:
     )
 
 
-def config_fingerprint(cfg: TrainConfig) -> str:
-    """Hash of the settings that decide the result; a checkpoint resumes only under the same fingerprint."""
+def config_fingerprint(cfg: TrainConfig, cache_key: str) -> str:
+    """Hash of the settings and the activations that decide the result; a checkpoint resumes only under the same one."""
     settings = {key: value for key, value in dataclasses.asdict(cfg).items() if key not in _RESUME_IGNORED}
+    settings["activation_cache"] = cache_key
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -104,10 +106,12 @@ class StepLog:
         else:
             with open(path, newline="") as handle:
                 rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
-            with open(path, "w", newline="") as handle:
+            tmp = path.with_name(f".{path.name}.tmp")
+            with open(tmp, "w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=STEP_COLUMNS)
                 writer.writeheader()
                 writer.writerows(rows)
+            os.replace(tmp, path)  # a kill during the rewrite keeps the old log
 
     def append(self, row: dict) -> None:
         with open(self.path, "a", newline="") as handle:
@@ -189,8 +193,16 @@ def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torc
     return terms
 
 
-def _check_finite(loss: float, step: int, last_ckpt_step: Optional[int], run_dir: Path) -> None:
-    if not math.isfinite(loss):
+def _weights_finite(sae: SparseAutoencoder) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in sae.parameters())
+
+
+def _check_finite(loss: float, step: int, last_ckpt_step: Optional[int], run_dir: Path, sae: SparseAutoencoder,
+                  check_weights: bool) -> None:
+    """Stop on a non-finite loss, or (before a checkpoint) non-finite weights, keeping the last good checkpoint."""
+    if not math.isfinite(loss) or (check_weights and not _weights_finite(sae)):
+        if math.isfinite(loss):
+            loss = "finite, but the weights became non-finite"
         kept = f"the last good checkpoint (step {last_ckpt_step}) is kept in {run_dir / STATE_FILE}" if last_ckpt_step is not None \
             else "no checkpoint had been written yet"
         raise TrainingDiverged(
@@ -198,15 +210,15 @@ def _check_finite(loss: float, step: int, last_ckpt_step: Optional[int], run_dir
         )
 
 
-def _resume_point(cfg: TrainConfig, run_dir: Path) -> Optional[dict]:
+def _resume_point(cfg: TrainConfig, run_dir: Path, cache_key: str) -> Optional[dict]:
     """Facts of a checkpoint this run can continue from, or None to start fresh."""
     state_path = run_dir / STATE_FILE
     if not cfg.resume or not state_path.is_file():
         return None
     facts = read_metadata(state_path)
-    if facts.get("config_fingerprint") != config_fingerprint(cfg):
+    if facts.get("config_fingerprint") != config_fingerprint(cfg, cache_key):
         raise ConfigError(
-            f"hydra.run.dir={run_dir} holds a checkpoint of a different configuration; use another hydra.run.dir, "
+            f"hydra.run.dir={run_dir} holds a checkpoint of a different configuration or data; use another hydra.run.dir, "
             f"or resume=false to overwrite it"
         )
     return facts
@@ -216,7 +228,7 @@ def fit(cfg: TrainConfig, cache: ActivationCache, run_dir: Path, device: torch.d
     """Train one SAE on the cache's training split; resumes from `run_dir`'s checkpoint when it matches."""
     loader = ShuffledBatches(cache, "train", cfg.batch_size, cfg.seed)
     sae = build_sae(spec_from_config(cfg, cache.d))
-    resume = _resume_point(cfg, run_dir)
+    resume = _resume_point(cfg, run_dir, cache.manifest["key"])
     if resume is None:
         initialize(sae, cfg, loader, cache.manifest["splits"]["train"]["mean_norm"])
     sae.to(device)
@@ -229,7 +241,7 @@ def fit(cfg: TrainConfig, cache: ActivationCache, run_dir: Path, device: torch.d
         start = int(facts["step"])
         console.print(f"resuming from step {start} of {cfg.n_steps} ({run_dir / STATE_FILE})")
     log = StepLog(run_dir / STEP_LOG, start if resume is not None else None)
-    facts = {"config_fingerprint": config_fingerprint(cfg), "train_config": dataclasses.asdict(cfg)}
+    facts = {"config_fingerprint": config_fingerprint(cfg, cache.manifest["key"]), "train_config": dataclasses.asdict(cfg)}
 
     def checkpoint(step: int) -> None:
         save_train_state(run_dir / STATE_FILE, sae, optimizer, {"tokens_since_fired": dead.tokens_since_fired},
@@ -247,7 +259,8 @@ def fit(cfg: TrainConfig, cache: ActivationCache, run_dir: Path, device: torch.d
             time_spent += time.perf_counter() - began
             tokens_timed += x.shape[0]
             done = step + 1
-            _check_finite(loss, done, last_ckpt, run_dir)
+            checkpoint_due = done % cfg.ckpt_every_steps == 0 or done == cfg.n_steps
+            _check_finite(loss, done, last_ckpt, run_dir, sae, check_weights=checkpoint_due)
             stats = None
             if done % cfg.log_every_steps == 0 or done == cfg.n_steps:
                 row = _log_row(terms, done, cfg, dead, learning_rate(cfg, cache.d, step), tokens_timed / max(time_spent, 1e-9),
@@ -255,7 +268,7 @@ def fit(cfg: TrainConfig, cache: ActivationCache, run_dir: Path, device: torch.d
                 log.append(row)
                 stats = (f"loss {row['loss']:.4g}  L0 {row['l0']:.1f}  dead {row['dead_frac']:.1%}  "
                          f"{row['tokens_per_s']:,.0f} tok/s")
-            if done % cfg.ckpt_every_steps == 0 or done == cfg.n_steps:
+            if checkpoint_due:
                 checkpoint(done)
                 last_ckpt = done
             progress.update(done, stats)

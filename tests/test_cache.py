@@ -145,3 +145,18 @@ def test_bfloat16_cache_reads_back_as_float32(tmp_path, small_text):
     built, _ = build(cfg)
     batch = next(built.iter_split("train", 100))
     assert batch.dtype == torch.float32 and batch.shape == (100, 64) and batch.abs().sum() > 0
+
+
+def test_huggingface_dataset_source_builds_a_cache(tmp_path, small_text):
+    """data.source=hf through `datasets` (the offline `text` builder stands in for a Hub dataset)."""
+    data = DataConfig(name="hf-text", source="hf", hf_path="text", hf_data_files=[str(small_text)], streaming=True,
+                      ctx_len=32, n_eval_tokens=512)
+    cfg = SiteConfig(model=ModelConfig(name=str(MODEL_DIR)), data=data,
+                     cache=CacheConfig(dir=str(tmp_path / "cache")), device="cpu")
+    built = ensure_cache(cfg, 4096, CountingLoader(cfg), console_print=lambda _: None)
+    assert built.manifest["splits"]["eval"]["n_tokens"] == 512
+    assert built.manifest["splits"]["train"]["n_tokens"] == 4096  # streaming: capped at the training budget
+    train_tokens, eval_tokens = built.tokens("train"), built.tokens("eval")
+    assert (train_tokens[:, 0] == 1).all()  # every window starts with BOS
+    eval_rows = {tuple(row.tolist()) for row in eval_tokens}
+    assert not any(tuple(row.tolist()) in eval_rows for row in train_tokens)  # held-out windows are not trained on

@@ -138,3 +138,20 @@ def test_wheel_ships_conf_and_runs_from_it(tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert job.returncode == 0, job.stderr[-2000:]
     assert str(target / "saekit" / "conf") in job.stdout and "k: 4" in job.stdout
+
+
+def test_sweep_runs_one_job_per_combination(tmp_path, small_text, cache_root):
+    result = run_cli("sweep", "k=4,8", "data=text_files", f"data.paths=[{small_text}]", "data.ctx_len=32",
+                     "data.n_eval_tokens=1024", "n=64", "n_tokens=20480", "batch_size=1024", f"cache.dir={cache_root}",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    l0 = {}
+    for job in (tmp_path / "sweep").iterdir():
+        if (job / "results.csv").exists():
+            l0[job.name] = metrics_of(job)["l0"]
+    assert sorted(l0.values()) == pytest.approx([4.0, 8.0]) and len(l0) == 2
+
+
+def test_eval_refuses_the_training_state_file_with_one_line(trained_run, tmp_path):
+    result = run_cli("eval", f"ckpt={trained_run / 'checkpoints' / 'state.safetensors'}", f"hydra.run.dir={tmp_path / 'e'}")
+    assert result.returncode == 2 and "not the training state" in result.stderr and "Traceback" not in result.stderr

@@ -46,7 +46,8 @@ def test_resume_after_kill_gives_the_same_final_checkpoint(tmp_path, small_text,
     proc = start(small_args(small_text, cache_root, killed))
     state = killed / STATE_FILE
     deadline = time.time() + 300
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
+    # Kill after several checkpoints, so resuming restores a trained state, not the first one.
+    while proc.poll() is None and time.time() < deadline and not (state.exists() and read_metadata(state)["step"] >= 200):
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -116,3 +117,24 @@ def test_training_runs_on_cuda(tmp_path, small_text, cache_root):
     assert result.sae.W_enc.is_cuda
     rows = steps(tmp_path)
     assert float(rows[-1][1]) < float(rows[0][1])
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, small_text, cache_root, monkeypatch):
+    _register()
+    cfg = preflight("train", small_args(small_text, cache_root, tmp_path)[1:-1] + ["ckpt_every_steps=5"])
+    cache = activation_cache(cfg, cfg.n_tokens)
+    real_step, calls = train_mod.train_step, []
+
+    def step_that_breaks_weights(sae, *args, **kwargs):
+        terms = real_step(sae, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 25:  # the step right before a checkpoint
+            with torch.no_grad():
+                sae.W_enc[0, 0] = float("inf")  # the loss of this step was still finite
+        return terms
+
+    monkeypatch.setattr(train_mod, "train_step", step_that_breaks_weights)
+    with pytest.raises(TrainingDiverged, match=r"weights became non-finite at step 25; the last good checkpoint \(step 20\)"):
+        train_mod.fit(cfg, cache, tmp_path, torch.device("cpu"), console=train_mod.Console(quiet=True))
+    assert read_metadata(tmp_path / STATE_FILE)["step"] == 20
+    assert torch.isfinite(load_file(str(tmp_path / "sae.safetensors"))["W_enc"]).all()

@@ -69,6 +69,8 @@ class SparseAutoencoder(nn.Module):
 
     name: ClassVar[str] = ""
     topk_family: ClassVar[bool] = False
+    # σ(c·h) = c·σ(h) for c > 0: the encoder can then be rescaled at init to match reconstruction norms.
+    homogeneous: ClassVar[bool] = False
 
     def __init__(self, spec: SAESpec):
         super().__init__()
@@ -189,12 +191,16 @@ class SparseAutoencoder(nn.Module):
             bound = 1 / math.sqrt(d)
             self.W_enc.copy_(torch.rand(n, d, generator=generator) * 2 * bound - bound)
         self.b_enc.zero_()
-        if scale_encoder and self.topk_family:
+        if scale_encoder and self.homogeneous:
             self._match_reconstruction_norms(sample)
 
     @torch.no_grad()
     def _match_reconstruction_norms(self, sample: torch.Tensor) -> None:
-        """TopK is positively homogeneous in W_enc (with b_enc = 0): scale it so E||x̂ − b_pre|| = E||x − b_pre||."""
+        """Scale W_enc so that E||x̂ − b_pre|| = E||x − b_pre|| on the sample (exact for homogeneous σ, b_enc = 0).
+
+        Without it a tied ReLU SAE starts with reconstructions about n/(2d) times too large (32x at n = 4096,
+        d = 64), which short runs never recover from.
+        """
         centered = sample - self.b_pre
         recon = self.decode(self.encode(sample)) - self.b_pre
         recon_norm = recon.norm(dim=-1).mean()

@@ -28,6 +28,7 @@ def sqrt_penalty(z: torch.Tensor) -> torch.Tensor:
 @register
 class ReLUSAE(SparseAutoencoder):
     name = "relu"
+    homogeneous = True
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
         return F.relu(h)

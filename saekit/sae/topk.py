@@ -27,6 +27,7 @@ def topk_activation(h: torch.Tensor, k: int, on: str = "preact") -> torch.Tensor
 class TopKSAE(SparseAutoencoder):
     name = "topk"
     topk_family = True
+    homogeneous = True
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
         return topk_activation(h, self.spec.k, self.spec.topk_on)
