@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,21 +66,30 @@ def test_resume_after_kill_gives_the_same_final_checkpoint(tmp_path, small_text,
     assert steps(straight) == steps(killed)  # the step log was cut back and continued identically
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, small_text, cache_root, monkeypatch):
+@pytest.mark.parametrize("corrupt, message", [
+    ("loss", "loss became nan at step 25"),
+    ("weights", "loss became finite, but the weights became non-finite at step 25"),
+])
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, small_text, cache_root, monkeypatch,
+                                                             corrupt, message):
+    """Step 25 goes bad (its loss, or its weights with a finite loss) just as a checkpoint is due."""
     _register()
-    cfg = preflight("train", small_args(small_text, cache_root, tmp_path)[1:-1] + ["ckpt_every_steps=10"])
+    cfg = preflight("train", small_args(small_text, cache_root, tmp_path)[1:-1] + ["ckpt_every_steps=5"])
     cache = activation_cache(cfg, cfg.n_tokens)
     real_step, calls = train_mod.train_step, []
 
-    def step_that_diverges(*args, **kwargs):
-        terms = real_step(*args, **kwargs)
+    def step_that_goes_bad(sae, *args, **kwargs):
+        terms = real_step(sae, *args, **kwargs)
         calls.append(1)
-        if len(calls) == 25:
+        if len(calls) == 25 and corrupt == "loss":
             terms["loss"] = torch.tensor(float("nan"))
+        elif len(calls) == 25:
+            with torch.no_grad():
+                sae.W_enc[0, 0] = float("inf")
         return terms
 
-    monkeypatch.setattr(train_mod, "train_step", step_that_diverges)
-    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 25; the last good checkpoint \(step 20\)"):
+    monkeypatch.setattr(train_mod, "train_step", step_that_goes_bad)
+    with pytest.raises(TrainingDiverged, match=re.escape(message) + r"; the last good checkpoint \(step 20\)"):
         train_mod.fit(cfg, cache, tmp_path, torch.device("cpu"), console=train_mod.Console(quiet=True))
     assert read_metadata(tmp_path / STATE_FILE)["step"] == 20
     assert torch.isfinite(load_file(str(tmp_path / "sae.safetensors"))["W_enc"]).all()
@@ -117,24 +127,3 @@ def test_training_runs_on_cuda(tmp_path, small_text, cache_root):
     assert result.sae.W_enc.is_cuda
     rows = steps(tmp_path)
     assert float(rows[-1][1]) < float(rows[0][1])
-
-
-def test_non_finite_weights_are_never_checkpointed(tmp_path, small_text, cache_root, monkeypatch):
-    _register()
-    cfg = preflight("train", small_args(small_text, cache_root, tmp_path)[1:-1] + ["ckpt_every_steps=5"])
-    cache = activation_cache(cfg, cfg.n_tokens)
-    real_step, calls = train_mod.train_step, []
-
-    def step_that_breaks_weights(sae, *args, **kwargs):
-        terms = real_step(sae, *args, **kwargs)
-        calls.append(1)
-        if len(calls) == 25:  # the step right before a checkpoint
-            with torch.no_grad():
-                sae.W_enc[0, 0] = float("inf")  # the loss of this step was still finite
-        return terms
-
-    monkeypatch.setattr(train_mod, "train_step", step_that_breaks_weights)
-    with pytest.raises(TrainingDiverged, match=r"weights became non-finite at step 25; the last good checkpoint \(step 20\)"):
-        train_mod.fit(cfg, cache, tmp_path, torch.device("cpu"), console=train_mod.Console(quiet=True))
-    assert read_metadata(tmp_path / STATE_FILE)["step"] == 20
-    assert torch.isfinite(load_file(str(tmp_path / "sae.safetensors"))["W_enc"]).all()
