@@ -200,14 +200,12 @@ def _weights_finite(sae: SparseAutoencoder) -> bool:
 def _check_finite(loss: float, step: int, last_ckpt_step: Optional[int], run_dir: Path, sae: SparseAutoencoder,
                   check_weights: bool) -> None:
     """Stop on a non-finite loss, or (before a checkpoint) non-finite weights, keeping the last good checkpoint."""
-    if not math.isfinite(loss) or (check_weights and not _weights_finite(sae)):
-        if math.isfinite(loss):
-            loss = "finite, but the weights became non-finite"
-        kept = f"the last good checkpoint (step {last_ckpt_step}) is kept in {run_dir / STATE_FILE}" if last_ckpt_step is not None \
-            else "no checkpoint had been written yet"
-        raise TrainingDiverged(
-            f"loss became {loss} at step {step}; {kept}. Lower optimizer.lr (or set optimizer.grad_clip) and run again"
-        )
+    if math.isfinite(loss) and not (check_weights and not _weights_finite(sae)):
+        return
+    what = f"loss became {loss}" if not math.isfinite(loss) else "the weights became non-finite"
+    kept = (f"the last good checkpoint (step {last_ckpt_step}) is kept in {run_dir / STATE_FILE}"
+            if last_ckpt_step is not None else "no checkpoint had been written yet")
+    raise TrainingDiverged(f"{what} at step {step}; {kept}. Lower optimizer.lr (or set optimizer.grad_clip) and run again")
 
 
 def _resume_point(cfg: TrainConfig, run_dir: Path, cache_key: str) -> Optional[dict]:
