@@ -16,7 +16,7 @@ install:  ## make .venv, install torch (CPU build) then saekit with its test ext
 	$(BIN)/pip install $(TORCH)
 	$(BIN)/pip install -e ".[dev]"
 
-demo:  ## train a TopK SAE on stories260k (blocks.2.hook_resid_post), then re-evaluate its checkpoint (~1 min on 2 cores)
+demo:  ## train a TopK SAE on stories260k (blocks.2.hook_resid_post), then re-evaluate its checkpoint (about 20 s on 2 cores)
 	$(BIN)/saekit train activation=topk k=8 n=512 data.ctx_len=64 hydra.run.dir=outputs/demo/topk
 	$(BIN)/saekit eval ckpt=outputs/demo/topk hydra.run.dir=outputs/demo/topk_eval
 
