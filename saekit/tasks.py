@@ -80,17 +80,17 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     return metrics
 
 
-def _site_from_checkpoint(meta: dict, cfg: EvalConfig) -> tuple[SiteConfig, int]:
-    """The model/hook/data a checkpoint was trained on (data replaced when eval names one)."""
-    trained = meta.get("train_config")
-    if trained is None:
-        from saekit.errors import DataError
+def _trained_config(meta: dict) -> TrainConfig:
+    """The TrainConfig saved in a checkpoint's metadata, nested dataclasses rebuilt."""
+    from saekit.config import ActivationConfig, DeadConfig, InitConfig, OptimizerConfig
+    from saekit.errors import DataError
 
+    saved = meta.get("train_config")
+    if saved is None:
         raise DataError("ckpt: the checkpoint records no training config; evaluate a checkpoint written by saekit train")
-    data = cfg.data if cfg.data is not None else DataConfig(**trained["data"])
-    site = SiteConfig(model=ModelConfig(**trained["model"]), data=data, cache=cfg.cache, layer=trained["layer"],
-                      hook=trained["hook"], device=cfg.device, seed=trained["seed"])
-    return site, int(trained["n_tokens"])
+    types = {"model": ModelConfig, "data": DataConfig, "cache": CacheConfig, "activation": ActivationConfig,
+             "dead": DeadConfig, "optimizer": OptimizerConfig, "init": InitConfig}
+    return TrainConfig(**{**saved, **{key: kind(**saved[key]) for key, kind in types.items()}})
 
 
 def evaluate(cfg: EvalConfig, run_dir: Path) -> dict[str, float]:
@@ -98,26 +98,19 @@ def evaluate(cfg: EvalConfig, run_dir: Path) -> dict[str, float]:
     device = resolve_device(cfg.device)
     ckpt = resolve_checkpoint(cfg.ckpt)
     sae, meta = load_sae(ckpt, device)
-    site, n_tokens = _site_from_checkpoint(meta, cfg)
-    cache = activation_cache(site, n_tokens)
+    trained = _trained_config(meta)
+    # The model and hook it was trained on; the data too unless eval names other data.
+    site = SiteConfig(model=trained.model, data=cfg.data if cfg.data is not None else trained.data, cache=cfg.cache,
+                      layer=trained.layer, hook=trained.hook, device=cfg.device, seed=trained.seed)
+    cache = activation_cache(site, trained.n_tokens)
     check_compatible(sae, cache, str(ckpt))
     metrics, _ = evaluate_reconstruction(sae, cache, device, cfg.batch_size)
-    trained = TrainConfig(**{**meta["train_config"], **_nested_configs(meta["train_config"])})
     run = {"run_id": ckpt.parent.name, **run_facts(trained, cache.manifest["hook"], trained.n_steps * trained.batch_size)}
     run_dir.mkdir(parents=True, exist_ok=True)
     write_table(tidy_table(run, metrics, {"ckpt": str(ckpt), "eval_data": site.data.name}), run_dir)
     print_summary(console, f"held-out metrics ({cache.n_acts('eval'):,} tokens, {site.data.name})", run, metrics)
     console.print(f"results: {run_dir / 'results.csv'}", highlight=False)
     return metrics
-
-
-def _nested_configs(trained: dict) -> dict:
-    """Rebuild the nested dataclasses of a saved TrainConfig dict."""
-    from saekit.config import ActivationConfig, DeadConfig, InitConfig, OptimizerConfig
-
-    types = {"model": ModelConfig, "data": DataConfig, "cache": CacheConfig, "activation": ActivationConfig,
-             "dead": DeadConfig, "optimizer": OptimizerConfig, "init": InitConfig}
-    return {key: kind(**trained[key]) for key, kind in types.items()}
 
 
 def cache(cfg: CacheCommandConfig, run_dir: Path) -> None:
