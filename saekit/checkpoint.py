@@ -65,7 +65,7 @@ def load_sae(path: Path, device: torch.device | str = "cpu") -> tuple[SparseAuto
         raise DataError(f"ckpt={path}: missing tensors {sorted(expected - set(tensors))}; pass a run folder or its "
                         f"{SAE_FILE} (not the training state)")
     sae.load_state_dict({name: tensors[name] for name in expected})
-    return sae.to(device), meta
+    return sae.to(device).eval(), meta  # eval mode: BatchTopK applies its threshold instead of batch selection
 
 
 def resolve_checkpoint(ckpt: str) -> Path:

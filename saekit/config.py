@@ -19,7 +19,7 @@ from saekit.errors import check_choice, require
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
 NORMALIZATIONS = ("none", "scale", "layer_norm")
-DEAD_REMEDIES = ("auxk", "none")
+DEAD_REMEDIES = ("auxk", "resample", "none")
 PENALTIES = ("l1", "sqrt_l1")
 
 
@@ -108,15 +108,35 @@ class ActivationConfig:
     """The SAE's activation function (a name in the registry, `saekit/sae/`) and its knobs."""
 
     name: str = "topk"
-    """Registry name: topk, relu, ..."""
+    """Registry name: relu, topk, multi_topk, batchtopk, jumprelu, prolu, gated."""
     penalty: str = "l1"
-    """ReLU-family sparsity penalty: `l1` (lam * sum z_i ||d_i||) or `sqrt_l1` (lam * sum sqrt(z_i))."""
+    """relu, prolu: sparsity penalty `l1` (lam * sum z_i ||d_i||) or `sqrt_l1` (lam * sum sqrt(z_i))."""
     topk_on: str = "preact"
-    """TopK: select the k largest of the pre-activations then ReLU (`preact`), or of ReLU(h) (`relu`)."""
+    """topk, multi_topk: select the k largest of the pre-activations then ReLU (`preact`), or of ReLU(h) (`relu`)."""
+    learned_scale: bool = False
+    """Any activation: a learned per-latent scale s, z <- s * z (removes feature suppression)."""
+    multi_k_factor: int = 4
+    """multi_topk: the second term's k is multi_k_factor * k."""
+    multi_weight: float = 0.125
+    """multi_topk: weight of the second term, loss = L(k) + multi_weight * L(multi_k_factor * k)."""
+    threshold_decay: float = 0.99
+    """batchtopk: decay of the running mean of the smallest kept value (the inference threshold)."""
+    bandwidth: float = 0.001
+    """jumprelu: width of the rectangle kernel of the straight-through pseudo-gradients."""
+    init_threshold: float = 0.001
+    """jumprelu: initial threshold theta."""
+    grad_mode: str = "relu"
+    """prolu: synthetic bias gradient, `relu` (as if ReLU(m + b)) or `ste` (straight-through step derivative)."""
 
     def __post_init__(self) -> None:
         check_choice("activation.penalty", self.penalty, PENALTIES)
         check_choice("activation.topk_on", self.topk_on, ("preact", "relu"))
+        check_choice("activation.grad_mode", self.grad_mode, ("relu", "ste"))
+        require(self.multi_k_factor >= 1, f"activation.multi_k_factor={self.multi_k_factor} must be >= 1")
+        require(self.multi_weight >= 0, f"activation.multi_weight={self.multi_weight} must be >= 0")
+        require(0 <= self.threshold_decay < 1, f"activation.threshold_decay={self.threshold_decay} must be in [0, 1)")
+        require(self.bandwidth > 0, f"activation.bandwidth={self.bandwidth} must be positive")
+        require(self.init_threshold > 0, f"activation.init_threshold={self.init_threshold} must be positive")
 
 
 @dataclass
@@ -124,19 +144,29 @@ class DeadConfig:
     """How dead latents are counted and revived."""
 
     method: str = "auxk"
-    """`auxk` (auxiliary TopK loss on dead latents) or `none`."""
+    """`auxk` (auxiliary TopK loss on dead latents), `resample` (re-initialize them at chosen steps) or `none`."""
     window_tokens: int = 10_000_000
     """A latent is dead after this many training tokens without firing (capped at n_tokens/10 for short runs)."""
     k_aux: Optional[int] = None
     """AuxK: dead latents used to model the residual; None means d/2 (Gao et al. 2024, A.2)."""
     aux_alpha: float = 1 / 32
     """AuxK: weight of the auxiliary loss."""
+    resample_steps: Optional[list[int]] = None
+    """resample: steps after which dead latents are re-initialized; None: after 20%, 40% and 60% of the run."""
+    resample_encoder_frac: float = 0.2
+    """resample: new encoder rows get this fraction of the mean alive encoder-row norm (Bricken et al. 2023)."""
+    resample_n_tokens: int = 65536
+    """resample: training activations scored to find high-loss inputs."""
 
     def __post_init__(self) -> None:
         check_choice("dead.method", self.method, DEAD_REMEDIES)
         require(self.window_tokens > 0, f"dead.window_tokens={self.window_tokens} must be positive")
         require(self.k_aux is None or self.k_aux > 0, f"dead.k_aux={self.k_aux} must be positive (or null for d/2)")
         require(self.aux_alpha >= 0, f"dead.aux_alpha={self.aux_alpha} must be >= 0")
+        require(self.resample_encoder_frac > 0, f"dead.resample_encoder_frac={self.resample_encoder_frac} must be positive")
+        require(self.resample_n_tokens > 0, f"dead.resample_n_tokens={self.resample_n_tokens} must be positive")
+        require(all(step > 0 for step in self.resample_steps or []),
+                f"dead.resample_steps={self.resample_steps} must hold positive step numbers")
 
 
 @dataclass
@@ -173,9 +203,11 @@ class InitConfig:
     tied: bool = True
     """Encoder = decoder transpose at init (not tied afterwards)."""
     scale_encoder: bool = True
-    """Scale the encoder so reconstructions match input norms on a sample (TopK and ReLU)."""
+    """Scale the encoder so reconstructions match input norms on a sample (every activation)."""
     decoder_norm: bool = True
-    """Keep decoder directions unit-norm (renormalize after each step, remove the parallel gradient)."""
+    """Keep decoder directions unit-norm (renormalize after every optimizer step)."""
+    grad_projection: bool = True
+    """Remove each decoder row's gradient component along the row before the step."""
     n_sample_tokens: int = 16384
     """Training activations sampled for the geometric median and the encoder scale."""
 
@@ -282,6 +314,10 @@ class TrainConfig(SiteConfig):
         )
         require(self.log_every_steps > 0, f"log_every_steps={self.log_every_steps} must be positive")
         require(self.ckpt_every_steps > 0, f"ckpt_every_steps={self.ckpt_every_steps} must be positive")
+        resample_steps = self.dead.resample_steps if isinstance(self.dead, DeadConfig) else None
+        late = [step for step in resample_steps or [] if step >= self.n_steps]
+        require(not late, f"dead.resample_steps={self.dead.resample_steps} has steps at or past the run's end "
+                          f"(n_steps={self.n_steps}); use earlier steps")
 
     @property
     def n_steps(self) -> int:

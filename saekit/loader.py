@@ -10,24 +10,19 @@ import numpy as np
 import torch
 
 from saekit.cache import ActivationCache
+from saekit.errors import ConfigError
 
 
-class ShuffledBatches:
-    """Batch `step` of an endless, epoch-wise shuffled stream over one split of a cache."""
+class EpochBatches:
+    """Batch `step` of an endless, epoch-wise shuffled stream over `n_rows` rows; subclasses gather the rows."""
 
-    def __init__(self, cache: ActivationCache, split: str, batch_size: int, seed: int):
-        self.cache = cache
-        self.shards = cache.shards(split)
-        sizes = np.array([shard.shape[0] for shard in self.shards], dtype=np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)])
-        self.n_rows = int(self.offsets[-1])
+    def __init__(self, n_rows: int, batch_size: int, seed: int):
+        self.n_rows = n_rows
         self.batch_size = batch_size
         self.batches_per_epoch = self.n_rows // batch_size
         if self.batches_per_epoch == 0:
-            from saekit.errors import ConfigError
-
             raise ConfigError(
-                f"batch_size={batch_size} exceeds the {self.n_rows} cached training vectors; lower batch_size or add data"
+                f"batch_size={batch_size} exceeds the {self.n_rows} training vectors; lower batch_size or add data"
             )
         self.seed = seed
         self._epoch = -1
@@ -46,13 +41,40 @@ class ShuffledBatches:
     def batch(self, step: int) -> torch.Tensor:
         """The float32 batch used at training step `step` (0-based)."""
         epoch, index = divmod(step, self.batches_per_epoch)
-        rows = np.sort(self._permutation(epoch)[index * self.batch_size:(index + 1) * self.batch_size])
-        return self.cache.to_torch(self._gather(rows))
+        return self.rows(np.sort(self._permutation(epoch)[index * self.batch_size:(index + 1) * self.batch_size]))
 
     def sample(self, n_rows: int, seed: int) -> torch.Tensor:
-        """A uniform sample of rows (for initialization), independent of the batch order."""
+        """A uniform sample of rows (initialization, resampling), independent of the batch order."""
         generator = torch.Generator().manual_seed(seed)
-        rows = np.sort(torch.randperm(self.n_rows, generator=generator)[: min(n_rows, self.n_rows)].numpy())
+        return self.rows(np.sort(torch.randperm(self.n_rows, generator=generator)[: min(n_rows, self.n_rows)].numpy()))
+
+    def rows(self, rows: np.ndarray) -> torch.Tensor:
+        """float32 rows by sorted global index."""
+        raise NotImplementedError
+
+
+class TensorBatches(EpochBatches):
+    """Batches from activations already in memory (synthetic benchmarks, notebooks)."""
+
+    def __init__(self, data: torch.Tensor, batch_size: int, seed: int):
+        super().__init__(data.shape[0], batch_size, seed)
+        self.data = data.float()
+
+    def rows(self, rows: np.ndarray) -> torch.Tensor:
+        return self.data[torch.from_numpy(rows)]
+
+
+class ShuffledBatches(EpochBatches):
+    """Batches over one split of an activation cache, gathered from its memory-mapped shards."""
+
+    def __init__(self, cache: ActivationCache, split: str, batch_size: int, seed: int):
+        self.cache = cache
+        self.shards = cache.shards(split)
+        sizes = np.array([shard.shape[0] for shard in self.shards], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])
+        super().__init__(int(self.offsets[-1]), batch_size, seed)
+
+    def rows(self, rows: np.ndarray) -> torch.Tensor:
         return self.cache.to_torch(self._gather(rows))
 
     def _gather(self, rows: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from saekit.evaluate import check_compatible, evaluate_reconstruction
 from saekit.model import load_model, resolve_device
 from saekit.report import print_summary, tidy_table, write_table
 from saekit.sae import sae_class
-from saekit.train import fit
+from saekit.train import TrainingData, fit
 
 console = Console()
 STATUS_FILE = "status.json"
@@ -62,7 +62,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     _write_status(run_dir, "running")
     started = time.perf_counter()
     try:
-        result = fit(cfg, cache, run_dir, device, console)
+        result = fit(cfg, TrainingData.from_cache(cache, cfg), run_dir, device, console)
     except BaseException as exc:  # Ctrl-C too: the status must not stay "running"
         _write_status(run_dir, "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise

@@ -21,21 +21,44 @@ from saekit.cache import ActivationCache
 from saekit.checkpoint import SAE_FILE, STATE_FILE, load_train_state, read_metadata, save_sae, save_train_state
 from saekit.config import TrainConfig
 from saekit.errors import ConfigError, TrainingDiverged
-from saekit.loader import ShuffledBatches
+from saekit.dead import DeadLatents, default_resample_steps, resample_dead_latents
+from saekit.loader import EpochBatches, ShuffledBatches
 from saekit.sae import SAESpec, SparseAutoencoder, build_sae
 
 STEP_LOG = "steps.csv"
 STEP_COLUMNS = ("step", "tokens", "loss", "mse", "l0", "dead_frac", "lr", "tokens_per_s", "sparsity_loss", "auxk_loss",
-                "epoch")
+                "aux_loss", "epoch")
+# loss_terms keys that are not a variant's own extra loss (Multi-TopK's L(4k), Gated's frozen-decoder term).
+_STANDARD_TERMS = ("loss", "mse", "sparsity", "auxk", "l0", "fired")
 # Settings that do not change what a run computes; a resumed run may differ in these.
 _RESUME_IGNORED = ("device", "resume", "log_every_steps", "ckpt_every_steps", "run_id", "overrides", "cache")
 
 
+@dataclass
+class TrainingData:
+    """What `fit` trains on: shuffled batches plus the facts initialization and resuming need."""
+
+    batches: EpochBatches
+    d: int
+    key: str
+    """Content key of the activations (a resumed run must see the same ones)."""
+    mean_norm: float
+    """Mean ||x|| of the raw training activations (for data.normalize=scale)."""
+
+    @classmethod
+    def from_cache(cls, cache: ActivationCache, cfg: TrainConfig) -> "TrainingData":
+        return cls(ShuffledBatches(cache, "train", cfg.batch_size, cfg.seed), cache.d, cache.manifest["key"],
+                   cache.manifest["splits"]["train"]["mean_norm"])
+
+
 def spec_from_config(cfg: TrainConfig, d: int) -> SAESpec:
+    act = cfg.activation
     return SAESpec(
-        activation=cfg.activation.name, d=d, n=cfg.n, k=cfg.k, lam=cfg.lam, penalty=cfg.activation.penalty,
-        topk_on=cfg.activation.topk_on, normalize=cfg.data.normalize, dead_method=cfg.dead.method,
-        k_aux=cfg.dead.k_aux, aux_alpha=cfg.dead.aux_alpha,
+        activation=act.name, d=d, n=cfg.n, k=cfg.k, lam=cfg.lam, penalty=act.penalty, topk_on=act.topk_on,
+        normalize=cfg.data.normalize, dead_method=cfg.dead.method, k_aux=cfg.dead.k_aux, aux_alpha=cfg.dead.aux_alpha,
+        learned_scale=act.learned_scale, multi_k_factor=act.multi_k_factor, multi_weight=act.multi_weight,
+        threshold_decay=act.threshold_decay, bandwidth=act.bandwidth, init_threshold=act.init_threshold,
+        grad_mode=act.grad_mode,
     )
 
 
@@ -73,26 +96,6 @@ def learning_rate(cfg: TrainConfig, d: int, step: int) -> float:
 def dead_window_tokens(cfg: TrainConfig) -> int:
     """The dead-latent window, scaled down for short runs so 'dead' can happen at all (≤ 10% of the run)."""
     return max(cfg.batch_size, min(cfg.dead.window_tokens, cfg.n_tokens // 10))
-
-
-@dataclass
-class DeadLatents:
-    """Tokens since each latent last fired; dead once that reaches the window."""
-
-    tokens_since_fired: torch.Tensor
-    window: int
-
-    def update(self, fired: torch.Tensor, n_tokens: int) -> None:
-        self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[fired.to(self.tokens_since_fired.device)] = 0
-
-    @property
-    def mask(self) -> torch.Tensor:
-        return self.tokens_since_fired >= self.window
-
-    @property
-    def fraction(self) -> float:
-        return float(self.mask.float().mean())
 
 
 class StepLog:
@@ -159,12 +162,12 @@ class _TrainProgress:
             self.last_printed = done
 
 
-def initialize(sae: SparseAutoencoder, cfg: TrainConfig, loader: ShuffledBatches, mean_norm: float) -> None:
+def initialize(sae: SparseAutoencoder, cfg: TrainConfig, data: TrainingData) -> None:
     """SPEC 3 initialization from a sample of (normalized) training activations."""
     if cfg.data.normalize == "scale":
         # E||x|| = sqrt(d) after scaling; the scale is a buffer, so it is saved and undone on splicing.
-        sae.input_scale.fill_(math.sqrt(sae.spec.d) / max(mean_norm, 1e-12))
-    sample, _ = sae.normalize_input(loader.sample(cfg.init.n_sample_tokens, seed=cfg.seed))
+        sae.input_scale.fill_(math.sqrt(sae.spec.d) / max(data.mean_norm, 1e-12))
+    sample, _ = sae.normalize_input(data.batches.sample(cfg.init.n_sample_tokens, seed=cfg.seed))
     generator = torch.Generator().manual_seed(cfg.seed)
     sae.initialize(sample, cfg.init.b_pre, cfg.init.tied, cfg.init.scale_encoder, generator)
 
@@ -182,7 +185,7 @@ def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torc
     terms = sae.loss_terms(x, dead.mask)
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
-    if cfg.init.decoder_norm:
+    if cfg.init.grad_projection:
         sae.project_decoder_grad_()
     if cfg.optimizer.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.optimizer.grad_clip)
@@ -191,6 +194,26 @@ def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torc
         sae.normalize_decoder_()
     dead.update(terms["fired"], x.shape[0])
     return terms
+
+
+def resample_steps(cfg: TrainConfig) -> set[int]:
+    """Steps (counted as steps done) after which dead latents are resampled; empty unless dead=resample."""
+    if cfg.dead.method != "resample":
+        return set()
+    steps = cfg.dead.resample_steps if cfg.dead.resample_steps is not None else default_resample_steps(cfg.n_steps)
+    return set(steps)
+
+
+def resample(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, dead: DeadLatents, cfg: TrainConfig,
+             data: TrainingData, step: int, device: torch.device) -> int:
+    """Resample the latents dead after `step`, from inputs drawn by (seed, step) so a resumed run does the same."""
+    if not bool(dead.mask.any()):
+        return 0
+    inputs, _ = sae.normalize_input(data.batches.sample(cfg.dead.resample_n_tokens, seed=cfg.seed * 7919 + step).to(device))
+    generator = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+    revived = resample_dead_latents(sae, optimizer, dead.mask, inputs, cfg.dead.resample_encoder_frac, generator)
+    dead.revive(revived)
+    return revived.numel()
 
 
 def _weights_finite(sae: SparseAutoencoder) -> bool:
@@ -208,13 +231,13 @@ def _check_finite(loss: float, step: int, last_ckpt_step: Optional[int], run_dir
     raise TrainingDiverged(f"{what} at step {step}; {kept}. Lower optimizer.lr (or set optimizer.grad_clip) and run again")
 
 
-def _resume_point(cfg: TrainConfig, run_dir: Path, cache_key: str) -> Optional[dict]:
+def _resume_point(cfg: TrainConfig, run_dir: Path, data_key: str) -> Optional[dict]:
     """Facts of a checkpoint this run can continue from, or None to start fresh."""
     state_path = run_dir / STATE_FILE
     if not cfg.resume or not state_path.is_file():
         return None
     facts = read_metadata(state_path)
-    if facts.get("config_fingerprint") != config_fingerprint(cfg, cache_key):
+    if facts.get("config_fingerprint") != config_fingerprint(cfg, data_key):
         raise ConfigError(
             f"hydra.run.dir={run_dir} holds a checkpoint of a different configuration or data; use another hydra.run.dir, "
             f"or resume=false to overwrite it"
@@ -222,14 +245,14 @@ def _resume_point(cfg: TrainConfig, run_dir: Path, cache_key: str) -> Optional[d
     return facts
 
 
-def fit(cfg: TrainConfig, cache: ActivationCache, run_dir: Path, device: torch.device, console: Console) -> TrainResult:
-    """Train one SAE on the cache's training split; resumes from `run_dir`'s checkpoint when it matches."""
-    loader = ShuffledBatches(cache, "train", cfg.batch_size, cfg.seed)
-    sae = build_sae(spec_from_config(cfg, cache.d))
-    resume = _resume_point(cfg, run_dir, cache.manifest["key"])
+def fit(cfg: TrainConfig, data: TrainingData, run_dir: Path, device: torch.device, console: Console) -> TrainResult:
+    """Train one SAE on `data`; resumes from `run_dir`'s checkpoint when it matches."""
+    loader = data.batches
+    sae = build_sae(spec_from_config(cfg, data.d))
+    resume = _resume_point(cfg, run_dir, data.key)
     if resume is None:
-        initialize(sae, cfg, loader, cache.manifest["splits"]["train"]["mean_norm"])
-    sae.to(device)
+        initialize(sae, cfg, data)
+    sae.to(device).train()
     optimizer = make_optimizer(sae, cfg)
     dead = DeadLatents(torch.zeros(cfg.n, dtype=torch.long, device=device), dead_window_tokens(cfg))
     start = 0
@@ -239,7 +262,7 @@ def fit(cfg: TrainConfig, cache: ActivationCache, run_dir: Path, device: torch.d
         start = int(facts["step"])
         console.print(f"resuming from step {start} of {cfg.n_steps} ({run_dir / STATE_FILE})")
     log = StepLog(run_dir / STEP_LOG, start if resume is not None else None)
-    facts = {"config_fingerprint": config_fingerprint(cfg, cache.manifest["key"]), "train_config": dataclasses.asdict(cfg)}
+    facts = {"config_fingerprint": config_fingerprint(cfg, data.key), "train_config": dataclasses.asdict(cfg)}
 
     def checkpoint(step: int) -> None:
         save_train_state(run_dir / STATE_FILE, sae, optimizer, {"tokens_since_fired": dead.tokens_since_fired},
@@ -247,21 +270,25 @@ def fit(cfg: TrainConfig, cache: ActivationCache, run_dir: Path, device: torch.d
         save_sae(run_dir / SAE_FILE, sae, {**facts, "step": step, "finished": step >= cfg.n_steps})
 
     last_ckpt = start if resume is not None else None
+    resampling = resample_steps(cfg)
     tokens_timed, time_spent = 0, 0.0
     with _TrainProgress(console, cfg.n_steps, start) as progress:
         for step in range(start, cfg.n_steps):
             began = time.perf_counter()
             x, _ = sae.normalize_input(loader.batch(step).to(device, non_blocking=True))
-            terms = train_step(sae, optimizer, x, dead, cfg, learning_rate(cfg, cache.d, step))
+            terms = train_step(sae, optimizer, x, dead, cfg, learning_rate(cfg, data.d, step))
             loss = float(terms["loss"].detach())
             time_spent += time.perf_counter() - began
             tokens_timed += x.shape[0]
             done = step + 1
+            if done in resampling:
+                revived = resample(sae, optimizer, dead, cfg, data, done, device)
+                console.print(f"step {done}: resampled {revived} dead latents", highlight=False)
             checkpoint_due = done % cfg.ckpt_every_steps == 0 or done == cfg.n_steps
             _check_finite(loss, done, last_ckpt, run_dir, sae, check_weights=checkpoint_due)
             stats = None
             if done % cfg.log_every_steps == 0 or done == cfg.n_steps:
-                row = _log_row(terms, done, cfg, dead, learning_rate(cfg, cache.d, step), tokens_timed / max(time_spent, 1e-9),
+                row = _log_row(terms, done, cfg, dead, learning_rate(cfg, data.d, step), tokens_timed / max(time_spent, 1e-9),
                                loader.epoch_of(step))
                 log.append(row)
                 stats = (f"loss {row['loss']:.4g}  L0 {row['l0']:.1f}  dead {row['dead_frac']:.1%}  "
@@ -290,5 +317,6 @@ def _log_row(terms: dict, step: int, cfg: TrainConfig, dead: DeadLatents, lr: fl
         "tokens_per_s": round(tokens_per_s, 1),
         "sparsity_loss": float(terms["sparsity"].detach()) if "sparsity" in terms else 0.0,
         "auxk_loss": float(terms["auxk"].detach()) if "auxk" in terms else 0.0,
+        "aux_loss": sum(float(value.detach()) for key, value in terms.items() if key not in _STANDARD_TERMS),
         "epoch": epoch,
     }

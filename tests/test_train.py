@@ -90,7 +90,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, small_tex
 
     monkeypatch.setattr(train_mod, "train_step", step_that_goes_bad)
     with pytest.raises(TrainingDiverged, match=re.escape(message) + r"; the last good checkpoint \(step 20\)"):
-        train_mod.fit(cfg, cache, tmp_path, torch.device("cpu"), console=train_mod.Console(quiet=True))
+        train_mod.fit(cfg, train_mod.TrainingData.from_cache(cache, cfg), tmp_path, torch.device("cpu"), console=train_mod.Console(quiet=True))
     assert read_metadata(tmp_path / STATE_FILE)["step"] == 20
     assert torch.isfinite(load_file(str(tmp_path / "sae.safetensors"))["W_enc"]).all()
 
@@ -123,7 +123,7 @@ def test_training_runs_on_cuda(tmp_path, small_text, cache_root):
     _register()
     cfg = preflight("train", small_args(small_text, cache_root, tmp_path)[1:-1] + ["device=cuda", "n_tokens=51200"])
     cache = activation_cache(cfg, cfg.n_tokens)
-    result = train_mod.fit(cfg, cache, tmp_path, torch.device("cuda"), console=train_mod.Console(quiet=True))
+    result = train_mod.fit(cfg, train_mod.TrainingData.from_cache(cache, cfg), tmp_path, torch.device("cuda"), console=train_mod.Console(quiet=True))
     assert result.sae.W_enc.is_cuda
     rows = steps(tmp_path)
     assert float(rows[-1][1]) < float(rows[0][1])

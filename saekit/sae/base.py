@@ -8,7 +8,7 @@ column `W_dec[:, i]`), the layout SAELens uses too.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import ClassVar, Optional
 
 import torch
@@ -31,6 +31,19 @@ class SAESpec:
     dead_method: str = "none"
     k_aux: Optional[int] = None
     aux_alpha: float = 1 / 32
+    learned_scale: bool = False
+    """A per-latent learned scale s, z ← s ⊙ σ(h) (the feature-suppression fix)."""
+    multi_k_factor: int = 4
+    multi_weight: float = 1 / 8
+    """Multi-TopK: loss L(k) + multi_weight · L(multi_k_factor · k)."""
+    threshold_decay: float = 0.99
+    """BatchTopK: decay of the running mean of the smallest kept value (the inference threshold)."""
+    bandwidth: float = 1e-3
+    """JumpReLU: width ε of the rectangle kernel of the straight-through pseudo-gradients."""
+    init_threshold: float = 1e-3
+    """JumpReLU: initial threshold θ."""
+    grad_mode: str = "relu"
+    """ProLU: synthetic gradient for the bias, `relu` or `ste`."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,8 +77,26 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
     return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
 
 
+@dataclass
+class Encoding:
+    """What a training forward pass produces before decoding.
+
+    z: (B, n) latents; h: (B, n) the pre-activations AuxK ranks dead latents by; penalties: named, weighted
+    loss terms that depend only on the encoding; parts: intermediate tensors a variant's `extra_terms` reuses.
+    """
+
+    z: torch.Tensor
+    h: torch.Tensor
+    penalties: dict[str, torch.Tensor]
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 class SparseAutoencoder(nn.Module):
-    """x̂ = W_dec^T σ(W_enc (x − b_pre) + b_enc) + b_pre; variants define σ and their sparsity loss."""
+    """x̂ = W_dec^T σ(W_enc (x − b_pre) + b_enc) + b_pre; variants define σ and their sparsity loss.
+
+    A variant overrides `activate` (and `sparsity_loss`) when σ is a function of h alone; variants whose
+    encoder is shaped differently (ProLU, Gated) override `pre_acts`, `encode_for_training` or `extra_terms`.
+    """
 
     name: ClassVar[str] = ""
     topk_family: ClassVar[bool] = False
@@ -80,24 +111,53 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.W_dec = nn.Parameter(torch.zeros(n, d))
         self.b_pre = nn.Parameter(torch.zeros(d))
+        if spec.learned_scale:
+            self.latent_scale = nn.Parameter(torch.ones(n))
         # Input normalization (SPEC 3): x is multiplied by input_scale before the SAE sees it.
         self.register_buffer("input_scale", torch.ones(()))
 
     # ---- the variant's part -------------------------------------------------------------------
     def activate(self, h: torch.Tensor) -> torch.Tensor:
-        """Latents z from pre-activations h, (B, n) → (B, n)."""
+        """Latents from pre-activations h, (B, n) → (B, n), before the optional learned scale."""
         raise NotImplementedError
 
-    def sparsity_loss(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Named penalty terms added to the reconstruction loss (empty for TopK)."""
+    def sparsity_loss(self, z: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named penalty terms added to the reconstruction loss (empty for the TopK family)."""
         return {}
+
+    def extra_terms(self, x: torch.Tensor, encoding: Encoding) -> dict[str, torch.Tensor]:
+        """Loss terms that need the input as well (Multi-TopK's L(4k), Gated's auxiliary term)."""
+        return {}
+
+    def per_latent_parameters(self) -> list[str]:
+        """Names of parameters whose first axis indexes latents (re-initialized when a latent is resampled)."""
+        names = ["W_enc", "b_enc", "W_dec"]
+        return names + (["latent_scale"] if self.spec.learned_scale else [])
+
+    @torch.no_grad()
+    def reset_latents_(self, latents: torch.Tensor) -> None:
+        """Variant-specific parameters of resampled latents back to their initial values."""
+        if self.spec.learned_scale:
+            self.latent_scale[latents] = 1.0
+
+    def swap_preacts(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-latent scores a test-time TopK(k') or JumpReLU(θ) acts on (sae/swap.py)."""
+        return self.pre_acts(x)
 
     # ---- shared forward path ------------------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.b_pre) @ self.W_enc.T + self.b_enc
 
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.latent_scale if self.spec.learned_scale else z
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activate(self.pre_acts(x))
+        return self.scale_latents(self.activate(self.pre_acts(x)))
+
+    def encode_for_training(self, x: torch.Tensor) -> Encoding:
+        h = self.pre_acts(x)
+        z = self.scale_latents(self.activate(h))
+        return Encoding(z=z, h=h, penalties=self.sparsity_loss(z, h))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z @ self.W_dec + self.b_pre
@@ -108,16 +168,17 @@ class SparseAutoencoder(nn.Module):
 
     def loss_terms(self, x: torch.Tensor, dead_mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Training loss and its named parts on a normalized batch x (B, d). `loss` is what is minimized."""
-        h = self.pre_acts(x)
-        z = self.activate(h)
-        x_hat = self.decode(z)
-        terms = {"mse": (x - x_hat).pow(2).sum(dim=-1).mean()}
-        terms.update(self.sparsity_loss(z))
+        encoding = self.encode_for_training(x)
+        x_hat = self.decode(encoding.z)
+        terms = {"mse": reconstruction_loss(x, x_hat)}
+        terms.update(encoding.penalties)
+        terms.update(self.extra_terms(x, encoding))
         if self.spec.dead_method == "auxk":
-            terms["auxk"] = self.auxk_loss(x, x_hat, h, dead_mask)
+            terms["auxk"] = self.auxk_loss(x, x_hat, encoding.h, dead_mask)
         terms["loss"] = sum(terms.values())
-        terms["l0"] = (z > 0).float().sum(dim=-1).mean().detach()
-        terms["fired"] = (z > 0).any(dim=0).detach()
+        active = (encoding.z != 0).detach()
+        terms["l0"] = active.float().sum(dim=-1).mean()
+        terms["fired"] = active.any(dim=0)
         return terms
 
     def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor, h: torch.Tensor,
@@ -177,7 +238,7 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def initialize(self, sample: torch.Tensor, b_pre: str, tied: bool, scale_encoder: bool,
                    generator: torch.Generator) -> None:
-        """SPEC 3 init on a normalized sample (N, d): b_pre, unit decoder rows, encoder = decoder^T, TopK scale."""
+        """SPEC 3 init on a normalized sample (N, d): b_pre, unit decoder rows, encoder = decoder^T, encoder scale."""
         d, n = self.spec.d, self.spec.n
         if b_pre == "geometric_median":
             self.b_pre.copy_(geometric_median(sample))
@@ -206,3 +267,8 @@ class SparseAutoencoder(nn.Module):
         recon_norm = recon.norm(dim=-1).mean()
         if recon_norm > 0:
             self.W_enc.mul_(centered.norm(dim=-1).mean() / recon_norm)
+
+
+def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ||x − x̂||² (summed over d, as in SPEC 2). (B, d), (B, d) → scalar."""
+    return (x - x_hat).pow(2).sum(dim=-1).mean()

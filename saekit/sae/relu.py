@@ -25,6 +25,11 @@ def sqrt_penalty(z: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(z + _SQRT_EPS).sub(_SQRT_EPS ** 0.5).sum(dim=-1).mean()
 
 
+def penalty(z: torch.Tensor, W_dec: torch.Tensor, kind: str) -> torch.Tensor:
+    """The ReLU family's sparsity penalty by name (`l1` or `sqrt_l1`), before λ."""
+    return l1_penalty(z, W_dec) if kind == "l1" else sqrt_penalty(z)
+
+
 @register
 class ReLUSAE(SparseAutoencoder):
     name = "relu"
@@ -33,6 +38,5 @@ class ReLUSAE(SparseAutoencoder):
     def activate(self, h: torch.Tensor) -> torch.Tensor:
         return F.relu(h)
 
-    def sparsity_loss(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        penalty = l1_penalty(z, self.W_dec) if self.spec.penalty == "l1" else sqrt_penalty(z)
-        return {"sparsity": self.spec.lam * penalty}
+    def sparsity_loss(self, z: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"sparsity": self.spec.lam * penalty(z, self.W_dec, self.spec.penalty)}

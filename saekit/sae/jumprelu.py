@@ -1,0 +1,95 @@
+"""JumpReLU (Rajamanoharan et al. 2024, "Jumping Ahead"): z = h · H(h − θ) with a learnable θ = exp(log_θ).
+
+The loss penalizes L0 directly: ‖x − x̂‖² + λ Σ_i H(h_i − θ_i). H has no useful derivative, so both the
+activation and the step get straight-through pseudo-gradients w.r.t. θ through a rectangle kernel of
+bandwidth ε, K(u) = 1[|u| < 1/2] (paper eqs. 11–12):
+    ∂/∂θ JumpReLU_θ(h) = −(θ/ε) K((h − θ)/ε),      ∂/∂θ H(h − θ) = −(1/ε) K((h − θ)/ε).
+The gradient w.r.t. h is H(h − θ) for the activation and 0 for the step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from saekit.sae.base import SAESpec, SparseAutoencoder
+from saekit.sae.registry import register
+
+
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """h · H(h − θ), pseudo-gradient −(θ/ε)K((h−θ)/ε) w.r.t. θ. h: (B, n), θ: (n,)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(h, threshold)
+        ctx.bandwidth = bandwidth
+        return h * (h > threshold)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        h, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_h = grad_out * (h > threshold)
+        grad_threshold = (-(threshold / eps) * _rectangle((h - threshold) / eps) * grad_out).sum(dim=0)
+        return grad_h, grad_threshold, None
+
+
+class StepFunction(torch.autograd.Function):
+    """H(h − θ), pseudo-gradient −(1/ε)K((h−θ)/ε) w.r.t. θ and none w.r.t. h."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(h, threshold)
+        ctx.bandwidth = bandwidth
+        return (h > threshold).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        h, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_threshold = (-(1.0 / eps) * _rectangle((h - threshold) / eps) * grad_out).sum(dim=0)
+        return torch.zeros_like(h), grad_threshold, None
+
+
+def jumprelu(h: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    return JumpReLUFunction.apply(h, threshold, bandwidth)
+
+
+def step(h: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    return StepFunction.apply(h, threshold, bandwidth)
+
+
+@register
+class JumpReLUSAE(SparseAutoencoder):
+    name = "jumprelu"
+    homogeneous = True  # up to the small initial threshold
+
+    def __init__(self, spec: SAESpec):
+        super().__init__(spec)
+        self.log_threshold = torch.nn.Parameter(torch.full((spec.n,), math.log(spec.init_threshold)))
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        return jumprelu(h, self.threshold, self.spec.bandwidth)
+
+    def sparsity_loss(self, z: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        l0 = step(h, self.threshold, self.spec.bandwidth).sum(dim=-1).mean()
+        return {"sparsity": self.spec.lam * l0}
+
+    def per_latent_parameters(self) -> list[str]:
+        return super().per_latent_parameters() + ["log_threshold"]
+
+    @torch.no_grad()
+    def initialize(self, sample: torch.Tensor, b_pre: str, tied: bool, scale_encoder: bool,
+                   generator: torch.Generator) -> None:
+        self.log_threshold.fill_(math.log(self.spec.init_threshold))
+        super().initialize(sample, b_pre, tied, scale_encoder, generator)
+

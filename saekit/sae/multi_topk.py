@@ -1,0 +1,27 @@
+"""Multi-TopK (Gao et al. 2024, section 5.3): TopK latents trained so that more of them also help.
+
+Loss L(k) + L(4k)/8 with shared weights, where L(j) is the MSE of the TopK(j) reconstruction. The extra term
+teaches latents ranked k+1..4k to reconstruct too, so at test time TopK(k') keeps improving for k' > k
+(progressive codes) instead of overshooting.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saekit.sae.base import Encoding, reconstruction_loss
+from saekit.sae.registry import register
+from saekit.sae.topk import TopKSAE, topk_activation
+
+
+@register
+class MultiTopKSAE(TopKSAE):
+    name = "multi_topk"
+
+    @property
+    def wide_k(self) -> int:
+        return min(self.spec.multi_k_factor * self.spec.k, self.spec.n)
+
+    def extra_terms(self, x: torch.Tensor, encoding: Encoding) -> dict[str, torch.Tensor]:
+        z_wide = self.scale_latents(topk_activation(encoding.h, self.wide_k, self.spec.topk_on))
+        return {"multi_topk": self.spec.multi_weight * reconstruction_loss(x, self.decode(z_wide))}
