@@ -121,9 +121,9 @@ class ActivationConfig:
     """multi_topk: weight of the second term, loss = L(k) + multi_weight * L(multi_k_factor * k)."""
     threshold_decay: float = 0.99
     """batchtopk: decay of the running mean of the smallest kept value (the inference threshold)."""
-    bandwidth: float = 0.001
-    """jumprelu: width of the rectangle kernel of the straight-through pseudo-gradients."""
-    init_threshold: float = 0.001
+    bandwidth: float = 0.1
+    """jumprelu: width of the rectangle kernel of the straight-through pseudo-gradients (see conf/activation/jumprelu.yaml)."""
+    init_threshold: float = 0.1
     """jumprelu: initial threshold theta."""
     grad_mode: str = "relu"
     """prolu: synthetic bias gradient, `relu` (as if ReLU(m + b)) or `ste` (straight-through step derivative)."""

@@ -38,9 +38,9 @@ class SAESpec:
     """Multi-TopK: loss L(k) + multi_weight · L(multi_k_factor · k)."""
     threshold_decay: float = 0.99
     """BatchTopK: decay of the running mean of the smallest kept value (the inference threshold)."""
-    bandwidth: float = 1e-3
+    bandwidth: float = 0.1
     """JumpReLU: width ε of the rectangle kernel of the straight-through pseudo-gradients."""
-    init_threshold: float = 1e-3
+    init_threshold: float = 0.1
     """JumpReLU: initial threshold θ."""
     grad_mode: str = "relu"
     """ProLU: synthetic gradient for the bias, `relu` or `ste`."""
