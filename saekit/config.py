@@ -125,6 +125,8 @@ class ActivationConfig:
     """jumprelu: width of the rectangle kernel of the straight-through pseudo-gradients (see conf/activation/jumprelu.yaml)."""
     init_threshold: float = 0.1
     """jumprelu: initial threshold theta."""
+    threshold_lr_scale: float = 10.0
+    """jumprelu: learning-rate multiplier for log(theta) (Adam moves it by about lr per step)."""
     grad_mode: str = "relu"
     """prolu: synthetic bias gradient, `relu` (as if ReLU(m + b)) or `ste` (straight-through step derivative)."""
 
@@ -137,6 +139,7 @@ class ActivationConfig:
         require(0 <= self.threshold_decay < 1, f"activation.threshold_decay={self.threshold_decay} must be in [0, 1)")
         require(self.bandwidth > 0, f"activation.bandwidth={self.bandwidth} must be positive")
         require(self.init_threshold > 0, f"activation.init_threshold={self.init_threshold} must be positive")
+        require(self.threshold_lr_scale > 0, f"activation.threshold_lr_scale={self.threshold_lr_scale} must be positive")
 
 
 @dataclass

@@ -58,7 +58,7 @@ def spec_from_config(cfg: TrainConfig, d: int) -> SAESpec:
         normalize=cfg.data.normalize, dead_method=cfg.dead.method, k_aux=cfg.dead.k_aux, aux_alpha=cfg.dead.aux_alpha,
         learned_scale=act.learned_scale, multi_k_factor=act.multi_k_factor, multi_weight=act.multi_weight,
         threshold_decay=act.threshold_decay, bandwidth=act.bandwidth, init_threshold=act.init_threshold,
-        grad_mode=act.grad_mode,
+        threshold_lr_scale=act.threshold_lr_scale, grad_mode=act.grad_mode,
     )
 
 
@@ -174,14 +174,15 @@ def initialize(sae: SparseAutoencoder, cfg: TrainConfig, data: TrainingData) -> 
 
 def make_optimizer(sae: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Optimizer:
     opt = cfg.optimizer
-    return torch.optim.Adam(sae.parameters(), lr=base_learning_rate(cfg, sae.spec.d), betas=(opt.beta1, opt.beta2), eps=opt.eps)
+    return torch.optim.Adam(sae.param_groups(), lr=base_learning_rate(cfg, sae.spec.d), betas=(opt.beta1, opt.beta2),
+                            eps=opt.eps)
 
 
 def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                dead: DeadLatents, cfg: TrainConfig, lr: float) -> dict[str, torch.Tensor]:
     """One optimizer step: loss, backward, decoder-gradient projection, clip, step, renormalize."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     terms = sae.loss_terms(x, dead.mask)
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()

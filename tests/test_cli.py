@@ -75,6 +75,9 @@ def test_rerunning_a_finished_run_does_not_train_again(trained_run, cache_root):
     (["data=text_files", "data.paths=[/no/such/text.txt]"], "data.paths: file /no/such/text.txt not found"),
     (["data.n_train_tokens=50000000"], "data.n_train_tokens=50000000 but the training text (data.paths) holds only"),
     (["data.n_eval_tokens=50000000"], "data.n_eval_tokens=50000000 but the held-out text holds only"),
+    (["activation=prolu", "activation.grad_mode=foo"], "activation.grad_mode='foo' is not valid; use one of: relu, ste"),
+    (["dead=resample", "dead.resample_steps=[5000]"], "dead.resample_steps=[5000] has steps at or past the run's end"),
+    (["dead=revive"], "dead=revive is not an option; use one of: auxk, none, resample"),
 ])
 def test_bad_input_is_one_line_naming_the_setting(tmp_path, cache_root, args, expected):
     run_dir = tmp_path / "run"
@@ -155,3 +158,30 @@ def test_sweep_runs_one_job_per_combination(tmp_path, small_text, cache_root):
 def test_eval_refuses_the_training_state_file_with_one_line(trained_run, tmp_path):
     result = run_cli("eval", f"ckpt={trained_run / 'checkpoints' / 'state.safetensors'}", f"hydra.run.dir={tmp_path / 'e'}")
     assert result.returncode == 2 and "not the training state" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("activation", ["batchtopk", "multi_topk", "jumprelu", "prolu", "gated", "relu", "topk"])
+@pytest.mark.parametrize("dead", ["auxk", "resample", "none"])
+def test_every_activation_and_dead_remedy_composes(activation, dead):
+    from saekit.cli import _register, preflight
+
+    _register()
+    cfg = preflight("train", [f"activation={activation}", f"dead={dead}", "activation.learned_scale=true"])
+    assert cfg.activation.name == activation and cfg.dead.method == dead and cfg.activation.learned_scale
+
+
+def test_batchtopk_with_resampling_trains_and_eval_reproduces_it(tmp_path, small_text, cache_root):
+    run_dir = tmp_path / "btk"
+    args = ["data=text_files", f"data.paths=[{small_text}]", "data.ctx_len=32", "data.n_eval_tokens=2048",
+            f"cache.dir={cache_root}"]
+    trained = run_cli("train", "activation=batchtopk", "k=8", "n=256", "dead=resample", "dead.resample_steps=[20,40]",
+                      "n_tokens=204800", "batch_size=2048", *args, f"hydra.run.dir={run_dir}")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "step 20: resampled" in trained.stdout and "step 40: resampled" in trained.stdout
+    evaluated = run_cli("eval", f"ckpt={run_dir}", f"cache.dir={cache_root}", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    before, after = metrics_of(run_dir), metrics_of(tmp_path / "eval")
+    for metric in CORE_METRICS:
+        assert after[metric] == pytest.approx(before[metric], rel=1e-6, abs=1e-9)
+    assert 2 < before["l0"] < 32  # the inference threshold gives an L0 near the trained k
+    assert pd.read_csv(run_dir / "results.csv")["k"].iloc[0] == 8

@@ -42,6 +42,8 @@ class SAESpec:
     """JumpReLU: width ε of the rectangle kernel of the straight-through pseudo-gradients."""
     init_threshold: float = 0.1
     """JumpReLU: initial threshold θ."""
+    threshold_lr_scale: float = 10.0
+    """JumpReLU: learning-rate multiplier for log θ."""
     grad_mode: str = "relu"
     """ProLU: synthetic gradient for the bias, `relu` or `ste`."""
 
@@ -139,6 +141,10 @@ class SparseAutoencoder(nn.Module):
         """Variant-specific parameters of resampled latents back to their initial values."""
         if self.spec.learned_scale:
             self.latent_scale[latents] = 1.0
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer parameter groups; `lr_scale` multiplies the schedule's learning rate for a group."""
+        return [{"params": list(self.parameters()), "lr_scale": 1.0}]
 
     def swap_preacts(self, x: torch.Tensor) -> torch.Tensor:
         """The per-latent scores a test-time TopK(k') or JumpReLU(θ) acts on (sae/swap.py)."""

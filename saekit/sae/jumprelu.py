@@ -84,6 +84,12 @@ class JumpReLUSAE(SparseAutoencoder):
         l0 = step(h, self.threshold, self.spec.bandwidth).sum(dim=-1).mean()
         return {"sparsity": self.spec.lam * l0}
 
+    def param_groups(self) -> list[dict]:
+        """log θ moves by about lr per Adam step; `threshold_lr_scale` lets short runs reach useful thresholds."""
+        others = [p for name, p in self.named_parameters() if name != "log_threshold"]
+        return [{"params": others, "lr_scale": 1.0},
+                {"params": [self.log_threshold], "lr_scale": self.spec.threshold_lr_scale}]
+
     def per_latent_parameters(self) -> list[str]:
         return super().per_latent_parameters() + ["log_threshold"]
 
