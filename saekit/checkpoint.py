@@ -80,6 +80,17 @@ def resolve_checkpoint(ckpt: str) -> Path:
     return path
 
 
+def resolve_checkpoints(ckpt: str) -> list[Path]:
+    """A checkpoint file, a run folder, or a sweep folder (every run folder below it holding a checkpoint)."""
+    path = Path(ckpt).expanduser()
+    if path.is_dir() and not (path / SAE_FILE).is_file():
+        found = sorted(p for p in path.rglob(SAE_FILE) if "checkpoints" not in p.relative_to(path).parts)
+        if not found:
+            raise DataError(f"ckpt={ckpt}: no {SAE_FILE} in the folder or below it; pass a finished run or sweep folder")
+        return found
+    return [resolve_checkpoint(ckpt)]
+
+
 def save_train_state(path: Path, sae: SparseAutoencoder, optimizer: torch.optim.Optimizer,
                      counters: dict[str, torch.Tensor], facts: dict) -> None:
     """SAE weights, Adam state (by parameter name) and counters in one file, so they always agree."""

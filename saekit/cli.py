@@ -183,12 +183,27 @@ def _hydra_run(config_name: str, task: Callable[[Any, Path], None]) -> None:
     entry()
 
 
+_PATH_KEYS = ("ckpt", "hydra.run.dir", "hydra.sweep.dir", "cache.dir")
+_SPECIAL = set("=,[]{}()'\" ")
+
+
+def quote_path_values(args: list[str]) -> list[str]:
+    """Quote path-valued overrides so Hydra reads saekit's own run folders (`activation=topk,k=32`) as one path."""
+    quoted = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key in _PATH_KEYS and value[:1] not in ("'", '"') and _SPECIAL & set(value):
+            value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        quoted.append(f"{key}{sep}{value}")
+    return quoted
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return
-    command, rest = argv[0], argv[1:]
+    command, rest = argv[0], quote_path_values(argv[1:])
     if command not in COMMANDS:
         _fail(f"unknown command {command!r}; use one of: {', '.join(COMMANDS)}")
     config_name = COMMANDS[command][0]

@@ -297,6 +297,12 @@ class TrainConfig(SiteConfig):
     """Tokens per optimizer step."""
     log_every_steps: int = 10
     ckpt_every_steps: int = 100
+    eval_every_steps: Optional[int] = None
+    """Evaluate on held-out tokens every this many steps (eval_nmse in steps.csv); None: only at the end."""
+    eval_delta_ce: bool = False
+    """With eval_every_steps: also splice into the model for eval_delta_ce (loads the model; slower)."""
+    eval_tokens: int = 8192
+    """With eval_delta_ce: held-out tokens for the downstream pass."""
     resume: bool = True
     """Continue from the run folder's last checkpoint when the config matches."""
     run_id: Optional[str] = None
@@ -316,6 +322,9 @@ class TrainConfig(SiteConfig):
             f"n_tokens={self.n_tokens} is smaller than one batch (batch_size={self.batch_size}); raise n_tokens",
         )
         require(self.log_every_steps > 0, f"log_every_steps={self.log_every_steps} must be positive")
+        require(self.eval_every_steps is None or self.eval_every_steps > 0,
+                f"eval_every_steps={self.eval_every_steps} must be positive (or null for no evaluation during training)")
+        require(self.eval_tokens > 0, f"eval_tokens={self.eval_tokens} must be positive")
         require(self.ckpt_every_steps > 0, f"ckpt_every_steps={self.ckpt_every_steps} must be positive")
         resample_steps = self.dead.resample_steps if isinstance(self.dead, DeadConfig) else None
         late = [step for step in resample_steps or [] if step >= self.n_steps]
@@ -337,20 +346,51 @@ class CacheCommandConfig(SiteConfig):
 
 @dataclass
 class EvalConfig:
-    """`saekit eval`: recompute metrics of a trained SAE on held-out tokens."""
+    """`saekit eval`: every SPEC 4 metric of a trained SAE (or of every run in a sweep folder) on held-out tokens."""
 
     ckpt: str = MISSING
-    """A run folder or a checkpoint file (`sae.safetensors`)."""
+    """A run folder, a checkpoint file (`sae.safetensors`) or a sweep folder (every run below it)."""
     data: Optional[DataConfig] = None
     """Evaluation data; None reuses the training run's data (its held-out split)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     device: str = "auto"
     batch_size: int = 8192
-    """Tokens per evaluation batch."""
+    """Tokens per batch for the reconstruction metrics."""
+    downstream: bool = True
+    """Splice reconstructions into the model: ce_clean, ce_spliced, ce_zero, ce_mean, delta_ce, loss_recovered, kl."""
+    downstream_tokens: int = 32768
+    """Token budget of the downstream metrics (whole held-out windows, taken in order)."""
+    downstream_batch_windows: int = 16
+    """Windows per forward pass (each runs as 4 variants: clean, spliced, zero, mean)."""
+    score_bos: bool = False
+    """Score the prediction made at the first (BOS) position too."""
+    ablation_positions: int = 32
+    """Ablation sparsity: sampled token positions (every active latent there is ablated); 0 turns it off."""
+    ablation_horizon: int = 16
+    """Ablation sparsity: T, the ablated position and the T − 1 after it."""
+    k_primes: list[int] = field(default_factory=list)
+    """Progressive codes: test-time TopK(k') values, one row each (with a k_prime column)."""
+    thetas: list[float] = field(default_factory=list)
+    """Progressive codes: test-time JumpReLU(theta) values, one row each (with a theta column)."""
+    progressive_delta_ce: bool = False
+    """Progressive codes: also delta_ce (one downstream pass per value)."""
+    refine_tokens: int = 4096
+    """Shrinkage by refinement on this many held-out tokens; 0 turns it off."""
+    refine_steps: int = 300
+    """Projected-gradient steps of the refinement."""
+    seed: int = 0
 
     def __post_init__(self) -> None:
         check_choice("device", self.device, DEVICES)
         require(self.batch_size > 0, f"batch_size={self.batch_size} must be positive")
+        require(self.downstream_tokens > 0, f"downstream_tokens={self.downstream_tokens} must be positive")
+        require(self.downstream_batch_windows > 0, f"downstream_batch_windows={self.downstream_batch_windows} must be positive")
+        require(self.ablation_positions >= 0, f"ablation_positions={self.ablation_positions} must be >= 0")
+        require(self.ablation_horizon >= 1, f"ablation_horizon={self.ablation_horizon} must be >= 1")
+        require(all(k > 0 for k in self.k_primes), f"k_primes={self.k_primes} must be positive integers")
+        require(all(t >= 0 for t in self.thetas), f"thetas={self.thetas} must be >= 0")
+        require(self.refine_tokens >= 0, f"refine_tokens={self.refine_tokens} must be >= 0")
+        require(self.refine_steps > 0, f"refine_steps={self.refine_steps} must be positive")
 
 
 def register_schemas() -> None:

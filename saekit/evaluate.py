@@ -1,13 +1,19 @@
-"""Evaluate a trained SAE on held-out activations (core reconstruction metrics, SPEC section 4)."""
+"""Evaluate a trained SAE on held-out activations: every metric of SPEC section 4, computed, never written here."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
 from saekit.cache import ActivationCache
+from saekit.config import EvalConfig
+from saekit.downstream import ablation_sparsity, downstream_metrics
 from saekit.errors import DataError
 from saekit.metrics import ReconstructionStats
-from saekit.sae import SparseAutoencoder
+from saekit.refine import refinement_metrics
+from saekit.sae import SparseAutoencoder, swap_activation
 
 
 def check_compatible(sae: SparseAutoencoder, cache: ActivationCache, ckpt_name: str) -> None:
@@ -34,3 +40,77 @@ def evaluate_reconstruction(sae: SparseAutoencoder, cache: ActivationCache, devi
         stats.update(x, x_hat, z)
     sae.train(was_training)
     return stats.metrics(), stats
+
+
+@dataclass
+class Evaluation:
+    """Everything `saekit eval` computes for one checkpoint."""
+
+    metrics: dict[str, float]
+    progressive: list[dict]
+    """One dict per test-time activation value: {"k_prime" or "theta": value, metric: value, ...}."""
+    stats: ReconstructionStats
+
+
+def eval_windows(cache: ActivationCache, n_tokens: int) -> torch.Tensor:
+    """The first held-out token windows covering `n_tokens` (at least one window)."""
+    windows = cache.tokens("eval")
+    if windows.shape[0] == 0:
+        raise DataError("the cache's eval split has no token windows; raise data.n_eval_tokens")
+    return windows[: max(1, n_tokens // windows.shape[1])]
+
+
+def spliced(sae) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What goes back into the model: the reconstruction in the model's own activation space."""
+    return lambda acts: sae.reconstruct(acts)[0]
+
+
+def _progressive_rows(sae: SparseAutoencoder, cache: ActivationCache, cfg: EvalConfig, device: torch.device,
+                      downstream: Optional[Callable]) -> list[dict]:
+    rows = []
+    for kind, column, values in (("topk", "k_prime", cfg.k_primes), ("jumprelu", "theta", cfg.thetas)):
+        for value in values:
+            swapped = swap_activation(sae, kind, value)
+            metrics, _ = evaluate_reconstruction(swapped, cache, device, cfg.batch_size)
+            row = {column: value, "nmse": metrics["nmse"], "l0": metrics["l0"]}
+            if downstream is not None and cfg.progressive_delta_ce:
+                row["delta_ce"] = downstream(swapped)["delta_ce"]
+            rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def evaluate_checkpoint(sae: SparseAutoencoder, cache: ActivationCache, cfg: EvalConfig, device: torch.device,
+                        model=None, hook: Optional[str] = None, keep_first: bool = True) -> Evaluation:
+    """Every SPEC 4 metric: reconstruction, refinement, downstream splices and ablation sparsity (when a model
+    is given), and progressive codes. Nothing is written here."""
+    sae.eval()
+    metrics, stats = evaluate_reconstruction(sae, cache, device, cfg.batch_size)
+    if cfg.refine_tokens > 0:
+        x = torch.cat(list(_first_rows(cache, cfg.refine_tokens))).to(device)
+        metrics.update(refinement_metrics(sae, x, cfg.refine_steps))
+    downstream: Optional[Callable] = None
+    if model is not None:
+        windows = eval_windows(cache, cfg.downstream_tokens)
+        mean_act = (stats.sum_x / max(stats.n_tokens, 1)).float().to(device)
+
+        def splice_metrics(module) -> dict[str, float]:
+            return downstream_metrics(model, hook, windows, spliced(module), mean_act, cfg.downstream_batch_windows,
+                                      keep_first=keep_first, score_bos=cfg.score_bos)
+
+        downstream = splice_metrics
+        if cfg.downstream:
+            metrics.update(downstream(sae))
+        if cfg.ablation_positions > 0:
+            metrics.update(ablation_sparsity(model, hook, sae, windows, cfg.ablation_positions, cfg.ablation_horizon,
+                                             cfg.seed, first_position=1 if keep_first else 0))
+    return Evaluation(metrics, _progressive_rows(sae, cache, cfg, device, downstream), stats)
+
+
+def _first_rows(cache: ActivationCache, n_rows: int):
+    taken = 0
+    for batch in cache.iter_split("eval", min(n_rows, 8192)):
+        yield batch[: n_rows - taken]
+        taken += batch.shape[0]
+        if taken >= n_rows:
+            return

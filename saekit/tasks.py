@@ -10,14 +10,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-from saekit.cache import ActivationCache, ensure_cache
-from saekit.checkpoint import load_sae, resolve_checkpoint
+from saekit.cache import ActivationCache, ensure_cache, excludes_bos
+from saekit.checkpoint import load_sae, resolve_checkpoints
 from saekit.config import CacheCommandConfig, CacheConfig, DataConfig, EvalConfig, ModelConfig, SiteConfig, TrainConfig
-from saekit.evaluate import check_compatible, evaluate_reconstruction
-from saekit.model import load_model, resolve_device
+from saekit.evaluate import check_compatible, evaluate_checkpoint, evaluate_reconstruction
+from saekit.latents import DENSITY_PLOT, LATENT_TABLE, latent_table, plot_density_histogram, write_latent_table
+from saekit.model import LoadedModel, load_model, resolve_device
 from saekit.report import print_summary, tidy_table, write_table
 from saekit.sae import sae_class
 from saekit.train import TrainingData, fit
@@ -62,7 +64,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     _write_status(run_dir, "running")
     started = time.perf_counter()
     try:
-        result = fit(cfg, TrainingData.from_cache(cache, cfg), run_dir, device, console)
+        result = fit(cfg, TrainingData.from_cache(cache, cfg), run_dir, device, console,
+                     evaluator=_training_evaluator(cfg, cache, device))
     except BaseException as exc:  # Ctrl-C too: the status must not stay "running"
         _write_status(run_dir, "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise
@@ -80,6 +83,17 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     return metrics
 
 
+def _training_evaluator(cfg: TrainConfig, cache: ActivationCache, device):
+    """Held-out evaluation during training: the offline path with only nmse (and delta_ce when asked)."""
+    if cfg.eval_every_steps is None:
+        return None
+    settings = EvalConfig(ckpt="<training>", downstream=cfg.eval_delta_ce, downstream_tokens=cfg.eval_tokens,
+                          ablation_positions=0, refine_tokens=0, device=cfg.device)
+    model = load_model(cfg.model, device) if cfg.eval_delta_ce else None
+    keep_first = excludes_bos(cfg.data)
+    return lambda sae: evaluate_checkpoint(sae, cache, settings, device, model, cfg.hook_name, keep_first).metrics
+
+
 def _trained_config(meta: dict) -> TrainConfig:
     """The TrainConfig saved in a checkpoint's metadata, nested dataclasses rebuilt."""
     from saekit.config import ActivationConfig, DeadConfig, InitConfig, OptimizerConfig
@@ -93,10 +107,33 @@ def _trained_config(meta: dict) -> TrainConfig:
     return TrainConfig(**{**saved, **{key: kind(**saved[key]) for key, kind in types.items()}})
 
 
-def evaluate(cfg: EvalConfig, run_dir: Path) -> dict[str, float]:
-    """Reload a checkpoint, rebuild (or reuse) its held-out activations, and write the same results table."""
+def evaluate(cfg: EvalConfig, run_dir: Path) -> pd.DataFrame:
+    """Every SPEC 4 metric of one checkpoint, or of every run in a sweep folder, as one tidy table.
+
+    All checkpoints are evaluated before anything is written, so a failure leaves no partial results.
+    """
     device = resolve_device(cfg.device)
-    ckpt = resolve_checkpoint(cfg.ckpt)
+    checkpoints = resolve_checkpoints(cfg.ckpt)
+    models: dict[str, LoadedModel] = {}
+    frames, latents = [], []
+    for ckpt in checkpoints:
+        frame, table, stats = _evaluate_one(cfg, ckpt, device, models)
+        frames.append(frame)
+        latents.append((ckpt, table, stats))
+    results = pd.concat(frames, ignore_index=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for ckpt, table, stats in latents:
+        folder = run_dir if len(checkpoints) == 1 else run_dir / ckpt.parent.name
+        folder.mkdir(parents=True, exist_ok=True)
+        write_latent_table(table, folder)
+        plot_density_histogram(table, stats.n_tokens, folder, f"{ckpt.parent.name}: feature density")
+    write_table(results, run_dir)
+    console.print(f"results: {run_dir / 'results.csv'} ({len(checkpoints)} checkpoint(s)); per-latent statistics: "
+                  f"{LATENT_TABLE}, {DENSITY_PLOT}", highlight=False)
+    return results
+
+
+def _evaluate_one(cfg: EvalConfig, ckpt: Path, device, models: dict) -> tuple[pd.DataFrame, pd.DataFrame, object]:
     sae, meta = load_sae(ckpt, device)
     trained = _trained_config(meta)
     # The model and hook it was trained on; the data too unless eval names other data.
@@ -104,13 +141,23 @@ def evaluate(cfg: EvalConfig, run_dir: Path) -> dict[str, float]:
                       layer=trained.layer, hook=trained.hook, device=cfg.device, seed=trained.seed)
     cache = activation_cache(site, trained.n_tokens)
     check_compatible(sae, cache, str(ckpt))
-    metrics, _ = evaluate_reconstruction(sae, cache, device, cfg.batch_size)
+    model = None
+    if cfg.downstream or cfg.ablation_positions > 0 or cfg.progressive_delta_ce:
+        key = json.dumps(dataclasses.asdict(site.model), sort_keys=True)
+        if key not in models:
+            models[key] = load_model(site.model, device)
+        model = models[key]
+        model.check_hook(site.hook_name)
+    evaluation = evaluate_checkpoint(sae, cache, cfg, device, model, site.hook_name, keep_first=excludes_bos(site.data))
     run = {"run_id": ckpt.parent.name, **run_facts(trained, cache.manifest["hook"], trained.n_steps * trained.batch_size)}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_table(tidy_table(run, metrics, {"ckpt": str(ckpt), "eval_data": site.data.name}), run_dir)
-    print_summary(console, f"held-out metrics ({cache.n_acts('eval'):,} tokens, {site.data.name})", run, metrics)
-    console.print(f"results: {run_dir / 'results.csv'}", highlight=False)
-    return metrics
+    context = {"ckpt": str(ckpt), "eval_data": site.data.name}
+    frames = [tidy_table(run, evaluation.metrics, context)]
+    for row in evaluation.progressive:
+        swept = {key: row.pop(key) for key in ("k_prime", "theta") if key in row}
+        frames.append(tidy_table(run, row, {**swept, **context}))
+    print_summary(console, f"held-out metrics: {ckpt.parent.name} ({cache.n_acts('eval'):,} tokens, {site.data.name})",
+                  run, evaluation.metrics)
+    return pd.concat(frames, ignore_index=True), latent_table(evaluation.stats), evaluation.stats
 
 
 def cache(cfg: CacheCommandConfig, run_dir: Path) -> None:

@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from rich.console import Console
@@ -27,11 +27,12 @@ from saekit.sae import SAESpec, SparseAutoencoder, build_sae
 
 STEP_LOG = "steps.csv"
 STEP_COLUMNS = ("step", "tokens", "loss", "mse", "l0", "dead_frac", "lr", "tokens_per_s", "sparsity_loss", "auxk_loss",
-                "aux_loss", "epoch")
+                "aux_loss", "epoch", "eval_nmse", "eval_delta_ce")
 # loss_terms keys that are not a variant's own extra loss (Multi-TopK's L(4k), Gated's frozen-decoder term).
 _STANDARD_TERMS = ("loss", "mse", "sparsity", "auxk", "l0", "fired")
 # Settings that do not change what a run computes; a resumed run may differ in these.
-_RESUME_IGNORED = ("device", "resume", "log_every_steps", "ckpt_every_steps", "run_id", "overrides", "cache")
+_RESUME_IGNORED = ("device", "resume", "log_every_steps", "ckpt_every_steps", "run_id", "overrides", "cache",
+                   "eval_every_steps", "eval_delta_ce")
 
 
 @dataclass
@@ -246,8 +247,16 @@ def _resume_point(cfg: TrainConfig, run_dir: Path, data_key: str) -> Optional[di
     return facts
 
 
-def fit(cfg: TrainConfig, data: TrainingData, run_dir: Path, device: torch.device, console: Console) -> TrainResult:
-    """Train one SAE on `data`; resumes from `run_dir`'s checkpoint when it matches."""
+Evaluator = Callable[[SparseAutoencoder], dict]
+
+
+def fit(cfg: TrainConfig, data: TrainingData, run_dir: Path, device: torch.device, console: Console,
+        evaluator: Optional[Evaluator] = None) -> TrainResult:
+    """Train one SAE on `data`; resumes from `run_dir`'s checkpoint when it matches.
+
+    `evaluator(sae) -> {"nmse": …, "delta_ce": …}` runs every `cfg.eval_every_steps` on held-out tokens
+    (the offline evaluation's code path) and its numbers go into the step log.
+    """
     loader = data.batches
     sae = build_sae(spec_from_config(cfg, data.d))
     resume = _resume_point(cfg, run_dir, data.key)
@@ -288,9 +297,15 @@ def fit(cfg: TrainConfig, data: TrainingData, run_dir: Path, device: torch.devic
             checkpoint_due = done % cfg.ckpt_every_steps == 0 or done == cfg.n_steps
             _check_finite(loss, done, last_ckpt, run_dir, sae, check_weights=checkpoint_due)
             stats = None
-            if done % cfg.log_every_steps == 0 or done == cfg.n_steps:
+            eval_due = evaluator is not None and cfg.eval_every_steps and (
+                done % cfg.eval_every_steps == 0 or done == cfg.n_steps)
+            if done % cfg.log_every_steps == 0 or done == cfg.n_steps or eval_due:
                 row = _log_row(terms, done, cfg, dead, learning_rate(cfg, data.d, step), tokens_timed / max(time_spent, 1e-9),
                                loader.epoch_of(step))
+                if eval_due:
+                    held_out = evaluator(sae)
+                    sae.train()
+                    row.update(eval_nmse=held_out.get("nmse"), eval_delta_ce=held_out.get("delta_ce"))
                 log.append(row)
                 stats = (f"loss {row['loss']:.4g}  L0 {row['l0']:.1f}  dead {row['dead_frac']:.1%}  "
                          f"{row['tokens_per_s']:,.0f} tok/s")

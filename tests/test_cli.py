@@ -153,6 +153,14 @@ def test_sweep_runs_one_job_per_combination(tmp_path, small_text, cache_root):
         if (job / "results.csv").exists():
             l0[job.name] = metrics_of(job)["l0"]
     assert sorted(l0.values()) == pytest.approx([4.0, 8.0]) and len(l0) == 2
+    # `saekit eval` on the sweep folder evaluates every run in it into one table.
+    evaluated = run_cli("eval", f"ckpt={tmp_path / 'sweep'}", f"cache.dir={cache_root}", "downstream=false",
+                        "ablation_positions=0", f"hydra.run.dir={tmp_path / 'sweep_eval'}")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    table = pd.read_csv(tmp_path / "sweep_eval" / "results.csv")
+    assert sorted(table.loc[table["metric"] == "l0", "value"]) == pytest.approx([4.0, 8.0])
+    assert table["run_id"].nunique() == 2
+    assert len(list((tmp_path / "sweep_eval").glob("*/latents.parquet"))) == 2
 
 
 def test_eval_refuses_the_training_state_file_with_one_line(trained_run, tmp_path):
@@ -185,3 +193,57 @@ def test_batchtopk_with_resampling_trains_and_eval_reproduces_it(tmp_path, small
         assert after[metric] == pytest.approx(before[metric], rel=1e-6, abs=1e-9)
     assert 2 < before["l0"] < 32  # the inference threshold gives an L0 near the trained k
     assert pd.read_csv(run_dir / "results.csv")["k"].iloc[0] == 8
+
+
+EVAL_CONTRACT = ["ce_clean", "ce_spliced", "ce_zero", "ce_mean", "delta_ce", "loss_recovered", "kl", "ablation_sparsity",
+                 "refine_ratio", "refine_mse_gain"]
+
+
+def test_eval_writes_every_metric_on_other_data_with_progressive_rows(trained_run, cache_root, tmp_path):
+    out = tmp_path / "ood"
+    result = run_cli("eval", f"ckpt={trained_run}", "data=tinyshakespeare", "data.ctx_len=64", "data.n_eval_tokens=8192",
+                     "downstream_tokens=4096", "ablation_positions=4", "k_primes=[4,16]", "thetas=[1.0]",
+                     "refine_tokens=1024", f"cache.dir={cache_root}", f"hydra.run.dir={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = pd.read_csv(out / "results.csv")
+    main = table[table["k_prime"].isna() & table["theta"].isna()]
+    metrics = dict(zip(main["metric"], main["value"]))
+    assert set(CORE_METRICS + EVAL_CONTRACT) <= set(metrics)
+    assert (table["eval_data"] == "tinyshakespeare").all()
+    assert 0 < metrics["loss_recovered"] <= 1 and metrics["delta_ce"] > 0 and metrics["kl"] > 0
+    assert metrics["ce_zero"] > metrics["ce_spliced"] > metrics["ce_clean"]
+    assert metrics["ablation_n"] > 0
+    progressive = table[table["k_prime"].notna()]
+    l0_by_k = dict(zip(progressive.loc[progressive["metric"] == "l0", "k_prime"],
+                       progressive.loc[progressive["metric"] == "l0", "value"]))
+    assert l0_by_k == {4.0: pytest.approx(4.0), 16.0: pytest.approx(16.0)}
+    assert set(table.loc[table["theta"].notna(), "metric"]) == {"nmse", "l0"}
+    latents = pd.read_parquet(out / "latents.parquet")
+    assert len(latents) == 512 and set(latents.columns) >= {"latent", "density", "mean_activation"}
+    assert latents["density"].sum() == pytest.approx(metrics["l0"], rel=1e-6)  # densities add up to L0
+    assert (out / "feature_density.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_of_a_checkpoint_whose_hook_is_not_in_the_model_is_one_line(trained_run, tmp_path):
+    from saekit.checkpoint import load_sae, save_sae
+
+    sae, meta = load_sae(trained_run / "sae.safetensors")
+    meta["train_config"]["hook"] = "blocks.1.hook_nothing"
+    save_sae(tmp_path / "sae.safetensors", sae, {key: value for key, value in meta.items() if key != "spec"})
+    result = run_cli("eval", f"ckpt={tmp_path / 'sae.safetensors'}", f"hydra.run.dir={tmp_path / 'e'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "hook=blocks.1.hook_nothing is not a hook point of stories260k" in result.stderr
+    assert not (tmp_path / "e" / "results.csv").exists()
+
+
+def test_evaluation_during_training_fills_the_step_log(tmp_path, small_text, cache_root):
+    run_dir = tmp_path / "evaltrain"
+    result = run_cli("train", "activation=topk", "k=8", "n=256", "data=text_files", f"data.paths=[{small_text}]",
+                     "data.ctx_len=32", "data.n_eval_tokens=2048", "n_tokens=81920", "batch_size=2048",
+                     "eval_every_steps=10", "log_every_steps=5", f"cache.dir={cache_root}", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    steps = pd.read_csv(run_dir / "steps.csv")
+    evaluated = steps.dropna(subset=["eval_nmse"])
+    assert list(evaluated["step"]) == [10, 20, 30, 40]
+    assert evaluated["eval_nmse"].iloc[-1] < evaluated["eval_nmse"].iloc[0]
+    assert evaluated["eval_nmse"].iloc[-1] == pytest.approx(metrics_of(run_dir)["nmse"], rel=1e-6)  # same code path

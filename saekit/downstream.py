@@ -1,0 +1,165 @@
+"""Downstream metrics (SPEC 4): splice a reconstruction into the model at the hook and score next-token loss.
+
+The four variants of each batch of windows (clean, spliced, zero, mean) run as one forward pass over a
+4×-stacked batch, with one hook that rewrites the activation of each quarter. When the cache drops the BOS
+position (the SAE never saw it), BOS keeps its clean activation in every variant; `score_bos` decides whether
+the prediction made at the first position counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+VARIANTS = ("clean", "spliced", "zero", "mean")
+Splice = Callable[[torch.Tensor], torch.Tensor]  # (N, d) raw activations → (N, d) what goes back in
+
+
+def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) = Σ_v p_v (log p_v − log q_v) per position, from logits (..., V) → (...)."""
+    log_p, log_q = F.log_softmax(logits_p.double(), dim=-1), F.log_softmax(logits_q.double(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+def next_token_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """−log p(token_{t+1} | ≤ t) at each position t < T−1. logits (B, T, V), tokens (B, T) → (B, T−1)."""
+    log_probs = F.log_softmax(logits[:, :-1].double(), dim=-1)
+    return -log_probs.gather(-1, tokens[:, 1:, None].long()).squeeze(-1)
+
+
+def loss_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> float:
+    """(ce_zero − ce_spliced) / (ce_zero − ce_clean): 1 for a perfect splice, 0 for one as bad as zeroing."""
+    gap = ce_zero - ce_clean
+    return (ce_zero - ce_spliced) / gap if gap != 0 else float("nan")
+
+
+@dataclass
+class DownstreamTotals:
+    """Running sums over scored positions (float64)."""
+
+    positions: int = 0
+    kl: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.ce = {name: 0.0 for name in VARIANTS}
+
+    def metrics(self) -> dict[str, float]:
+        count = max(self.positions, 1)
+        ce = {name: total / count for name, total in self.ce.items()}
+        return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero": ce["zero"], "ce_mean": ce["mean"],
+                "delta_ce": ce["spliced"] - ce["clean"],
+                "loss_recovered": loss_recovered(ce["clean"], ce["spliced"], ce["zero"]),
+                "kl": self.kl / count}
+
+
+def _variant_hook(splice: Splice, mean_act: torch.Tensor, batch: int, keep_first: bool):
+    """Rewrite quarters 1..3 of a (4B, T, d) activation: spliced, zero, mean; quarter 0 stays clean."""
+
+    def hook(act: torch.Tensor, hook=None) -> torch.Tensor:
+        start = 1 if keep_first else 0
+        out = act.clone()
+        clean = act[:batch, start:]
+        flat = clean.reshape(-1, clean.shape[-1])
+        out[batch:2 * batch, start:] = splice(flat).reshape(clean.shape).to(act.dtype)
+        out[2 * batch:3 * batch, start:] = 0.0
+        out[3 * batch:, start:] = mean_act.to(act.dtype)
+        return out
+
+    return hook
+
+
+@torch.no_grad()
+def downstream_metrics(model, hook: str, windows: torch.Tensor, splice: Splice, mean_act: torch.Tensor,
+                       batch_windows: int = 16, keep_first: bool = True, score_bos: bool = False,
+                       progress: Optional[Callable[[int], None]] = None) -> dict[str, float]:
+    """ce_clean, ce_spliced, ce_zero, ce_mean, delta_ce, loss_recovered, kl over `windows` (N, T) of tokens."""
+    totals = DownstreamTotals()
+    first_scored = 0 if score_bos else 1
+    for start in range(0, windows.shape[0], batch_windows):
+        tokens = windows[start:start + batch_windows].to(model.device).long()
+        batch = tokens.shape[0]
+        stacked = tokens.repeat(len(VARIANTS), 1)
+        logits = model.bridge.run_with_hooks(stacked, fwd_hooks=[(hook, _variant_hook(splice, mean_act, batch, keep_first))])
+        nll = next_token_nll(logits, stacked)[:, first_scored:]
+        for index, name in enumerate(VARIANTS):
+            totals.ce[name] += float(nll[index * batch:(index + 1) * batch].sum())
+        clean, spliced = logits[:batch, first_scored:-1], logits[batch:2 * batch, first_scored:-1]
+        totals.kl += float(kl_divergence(clean, spliced).sum())
+        totals.positions += nll.shape[1] * batch
+        if progress:
+            progress(batch * tokens.shape[1])
+    return totals.metrics()
+
+
+# ---- ablation sparsity --------------------------------------------------------------------------------------
+def ablation_sparsity_score(diff: torch.Tensor) -> float:
+    """(‖v‖₁/‖v‖₂)² of the median-centered logit differences diff (T, V), flattened to v (SPEC 4).
+
+    1 when one logit at one position moves; a constant shift of a position's logits contributes nothing.
+    """
+    centered = diff.double() - diff.double().median(dim=-1, keepdim=True).values
+    v = centered.flatten()
+    norm = v.norm()
+    return float((v.abs().sum() / norm) ** 2) if norm > 0 else float("nan")
+
+
+@torch.no_grad()
+def latent_contributions(sae, x_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one activation x_raw (d,): the active latents and each one's contribution to x̂ in raw space (A, d).
+
+    Ablating latent i while keeping the reconstruction error means x_raw − contribution_i goes back in.
+    """
+    x, state = sae.normalize_input(x_raw[None])
+    z = sae.encode(x)[0]
+    active = z.nonzero().flatten()
+    full = sae.denormalize_output(sae.decode(z[None]), state)
+    ablated = z.repeat(active.numel(), 1)
+    ablated[torch.arange(active.numel()), active] = 0.0
+    expanded_state = None if state is None else tuple(s.expand(active.numel(), -1) for s in state)
+    partial = sae.denormalize_output(sae.decode(ablated), expanded_state)
+    return active, full - partial
+
+
+@torch.no_grad()
+def ablation_sparsity(model, hook: str, sae, windows: torch.Tensor, n_positions: int = 32, horizon: int = 16,
+                      seed: int = 0, first_position: int = 1) -> dict[str, float]:
+    """Mean and quantiles of the ablation sparsity over every active latent at `n_positions` sampled positions."""
+    generator = torch.Generator().manual_seed(seed)
+    ctx = windows.shape[1]
+    last = max(first_position, ctx - horizon)
+    scores: list[float] = []
+    for _ in range(n_positions):
+        row = int(torch.randint(windows.shape[0], (1,), generator=generator))
+        pos = int(torch.randint(first_position, last + 1, (1,), generator=generator))
+        tokens = windows[row:row + 1].to(model.device).long()
+        captured = {}
+
+        def grab(act, hook=None):
+            captured["act"] = act.detach().clone()
+            return act
+
+        clean_logits = model.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, grab)])[0]
+        active, contributions = latent_contributions(sae, captured["act"][0, pos])
+        if active.numel() == 0:
+            continue
+
+        def ablate(act, hook=None):
+            out = act.clone()
+            out[:, pos] = out[:, pos] - contributions.to(act.dtype)
+            return out
+
+        logits = model.bridge.run_with_hooks(tokens.repeat(active.numel(), 1), fwd_hooks=[(hook, ablate)])
+        end = min(pos + horizon, ctx)
+        for diff in logits[:, pos:end] - clean_logits[pos:end]:
+            score = ablation_sparsity_score(diff)
+            if score == score:  # a latent with no effect at all has no direction to score
+                scores.append(score)
+    if not scores:
+        return {"ablation_sparsity": float("nan"), "ablation_n": 0.0}
+    values = torch.tensor(scores, dtype=torch.float64)
+    return {"ablation_sparsity": float(values.mean()), "ablation_sparsity_q10": float(values.quantile(0.1)),
+            "ablation_sparsity_q50": float(values.quantile(0.5)), "ablation_sparsity_q90": float(values.quantile(0.9)),
+            "ablation_n": float(len(scores))}
