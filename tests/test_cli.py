@@ -247,3 +247,11 @@ def test_evaluation_during_training_fills_the_step_log(tmp_path, small_text, cac
     assert list(evaluated["step"]) == [10, 20, 30, 40]
     assert evaluated["eval_nmse"].iloc[-1] < evaluated["eval_nmse"].iloc[0]
     assert evaluated["eval_nmse"].iloc[-1] == pytest.approx(metrics_of(run_dir)["nmse"], rel=1e-6)  # same code path
+
+
+def test_path_overrides_with_equals_and_commas_are_quoted_for_hydra():
+    from saekit.cli import quote_path_values
+
+    assert quote_path_values(["ckpt=outputs/train/activation=topk,k=32", "k=8,16", "hydra.run.dir=/tmp/a b"]) == \
+        ["ckpt='outputs/train/activation=topk,k=32'", "k=8,16", "hydra.run.dir='/tmp/a b'"]
+    assert quote_path_values(["ckpt='already=quoted'"]) == ["ckpt='already=quoted'"]

@@ -25,8 +25,13 @@ RUNS = {
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory, cache_root):
-    root = tmp_path_factory.mktemp("family")
+def family_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("family")
+
+
+@pytest.fixture(scope="module")
+def results(family_root, cache_root):
+    root = family_root
     table = {}
     for label, args in RUNS.items():
         result = run_cli("train", *args, "n=512", "n_tokens=1000000", "data.ctx_len=64", f"cache.dir={cache_root}",
@@ -51,3 +56,20 @@ def test_every_architecture_trains_on_stories260k(results, label):
 def test_topk_beats_l1_relu_at_lower_l0(results):
     topk, relu = results["topk"], results["relu"]
     assert topk["l0"] < relu["l0"] and topk["nmse"] < relu["nmse"]
+
+
+@pytest.mark.slow
+def test_topk_recovers_more_loss_and_shrinks_less_than_relu(results, family_root, cache_root, tmp_path):
+    """`saekit eval` on the folder of all runs (a sweep folder): downstream metrics and refinement per run."""
+    out = tmp_path / "eval"
+    result = run_cli("eval", f"ckpt={family_root}", "downstream_tokens=16384", "ablation_positions=8",
+                     f"cache.dir={cache_root}", f"hydra.run.dir={out}", timeout=1800)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = pd.read_csv(out / "results.csv")
+    metrics = {run: dict(zip(rows["metric"], rows["value"])) for run, rows in table.groupby("run_id")}
+    print("\n" + pd.DataFrame(metrics).T[["l0", "nmse", "loss_recovered", "delta_ce", "kl", "refine_ratio",
+                                          "refine_mse_gain", "ablation_sparsity"]].round(4).to_string())
+    topk, relu = metrics["topk"], metrics["relu"]
+    assert topk["loss_recovered"] > relu["loss_recovered"] + 0.05
+    assert abs(topk["refine_ratio"] - 1) < abs(relu["refine_ratio"] - 1)
+    assert relu["refine_ratio"] > 1.05  # L1 shrinks: refinement grows the active values
