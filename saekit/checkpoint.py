@@ -64,7 +64,11 @@ def load_sae(path: Path, device: torch.device | str = "cpu") -> tuple[SparseAuto
     if not expected <= set(tensors):
         raise DataError(f"ckpt={path}: missing tensors {sorted(expected - set(tensors))}; pass a run folder or its "
                         f"{SAE_FILE} (not the training state)")
-    sae.load_state_dict({name: tensors[name] for name in expected})
+    try:
+        sae.load_state_dict({name: tensors[name] for name in expected})
+    except RuntimeError as exc:  # shapes that disagree with the saved spec: an edited or mixed-up file
+        raise DataError(f"ckpt={path}: its tensors do not match its own spec ({str(exc).splitlines()[-1].strip()}); "
+                        f"retrain or restore it") from exc
     return sae.to(device).eval(), meta  # eval mode: BatchTopK applies its threshold instead of batch selection
 
 

@@ -255,3 +255,33 @@ def test_path_overrides_with_equals_and_commas_are_quoted_for_hydra():
     assert quote_path_values(["ckpt=outputs/train/activation=topk,k=32", "k=8,16", "hydra.run.dir=/tmp/a b"]) == \
         ["ckpt='outputs/train/activation=topk,k=32'", "k=8,16", "hydra.run.dir='/tmp/a b'"]
     assert quote_path_values(["ckpt='already=quoted'"]) == ["ckpt='already=quoted'"]
+
+
+def test_eval_of_a_checkpoint_for_another_hook_width_is_one_line(trained_run, cache_root, tmp_path):
+    from saekit.checkpoint import load_sae, save_sae
+
+    sae, meta = load_sae(trained_run / "sae.safetensors")
+    meta["train_config"]["hook"] = "blocks.2.mlp.hook_post"  # the MLP's hidden width, not d_model = 64
+    meta["train_config"]["data"]["n_train_tokens"] = 4096  # keep the cache that eval builds small
+    save_sae(tmp_path / "sae.safetensors", sae, {key: value for key, value in meta.items() if key != "spec"})
+    result = run_cli("eval", f"ckpt={tmp_path / 'sae.safetensors'}", f"cache.dir={cache_root}",
+                     f"hydra.run.dir={tmp_path / 'e'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "expects activations of width 64" in result.stderr and "blocks.2.mlp.hook_post has width" in result.stderr
+    assert not (tmp_path / "e" / "results.csv").exists()
+
+
+def test_checkpoint_whose_tensors_disagree_with_its_spec_is_one_line(trained_run, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from saekit.checkpoint import read_metadata
+
+    meta = read_metadata(trained_run / "sae.safetensors")
+    meta["spec"]["n"] = 256
+    save_file(load_file(str(trained_run / "sae.safetensors")), str(tmp_path / "sae.safetensors"),
+              metadata={"saekit": json.dumps(meta)})
+    result = run_cli("eval", f"ckpt={tmp_path / 'sae.safetensors'}", f"hydra.run.dir={tmp_path / 'e'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "its tensors do not match its own spec" in result.stderr
