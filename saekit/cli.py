@@ -122,22 +122,6 @@ def preflight(config_name: str, overrides: list[str]) -> Any:
         GlobalHydra.instance().clear()
 
 
-def parse_overrides(task_overrides: list[str]) -> dict[str, Any]:
-    """`key=value` overrides as a dict with YAML-typed values (columns of the results table)."""
-    import yaml
-
-    parsed = {}
-    for item in task_overrides:
-        key, _, value = item.lstrip("+~").partition("=")
-        try:
-            parsed[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            parsed[key] = value
-        if isinstance(parsed[key], (list, dict)):
-            parsed[key] = json.dumps(parsed[key])
-    return parsed
-
-
 def _absolute(path: str) -> str:
     candidate = Path(path).expanduser()
     return str(candidate.resolve()) if candidate.exists() else path
@@ -158,19 +142,64 @@ def _keeps_nothing(run_dir: Path) -> bool:
 
 
 def _guarded(task: Callable[[Any, Path], None], cfg) -> None:
-    """Run a task; a SaekitError becomes one line on stderr and exit code 2."""
+    """Run a task; a SaekitError becomes one line on stderr and exit code 2.
+
+    In a sweep, a failing job is recorded in its folder's status.json (with the error) and the sweep goes on.
+    """
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from saekit.errors import SaekitError
+    from saekit.tasks import write_status
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     warnings.filterwarnings("ignore", category=UserWarning)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        try:
+            task(cfg, run_dir)
+        except Exception as exc:  # one job's failure, whatever it is, must not stop the others
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if not isinstance(exc, SaekitError):
+                message = f"{type(exc).__name__}: {message}"
+            write_status(run_dir, "failed", error=message)
+            print(f"saekit: job failed ({run_dir.name}): {message}", file=sys.stderr)
+        return
     try:
         task(cfg, run_dir)
     except SaekitError as exc:
         if _keeps_nothing(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
         _fail(str(exc))
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - hydra is a dependency; this keeps `import saekit.cli` cheap to reason about
+    _HydraCallback = object
+
+
+class SweepTableCallback(_HydraCallback):
+    """After a multirun: one results table over all its jobs, with a status column (conf/hydra/saekit.yaml).
+
+    The failed-job count goes to `saekit.sweep.last_sweep`, which `main` reads for the exit code (this class may
+    be loaded twice, as `saekit.cli` by Hydra and as `__main__` under `python -m saekit.cli`).
+    """
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        from saekit.sweep import last_sweep, write_sweep_table
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            table = write_sweep_table(sweep_dir)
+        except FileNotFoundError:
+            return
+        except Exception as exc:  # Hydra would turn this into a warning nobody sees
+            print(f"saekit: error: could not write the sweep table in {sweep_dir}: {exc}", file=sys.stderr)
+            last_sweep["failed_jobs"] = -1
+            return
+        jobs = table.drop_duplicates("run_id")
+        last_sweep["failed_jobs"] = int((jobs["status"] != "ok").sum())
+        print(f"sweep: {len(jobs)} jobs, {last_sweep['failed_jobs']} failed; table: {sweep_dir / 'results.csv'}")
 
 
 def _hydra_run(config_name: str, task: Callable[[Any, Path], None]) -> None:
@@ -224,6 +253,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     # Hydra's parser wants its flags before the overrides.
     sys.argv = [f"saekit-{command}", *(["--multirun"] if multirun else []), f"hydra.job.name={command}", *rest]
     _hydra_run(config_name, lambda cfg, run_dir: task(_prepare(cfg), run_dir))
+    from saekit.sweep import last_sweep
+
+    if multirun and last_sweep["failed_jobs"] < 0:
+        sys.exit(1)
+    if multirun and last_sweep["failed_jobs"]:
+        _fail(f"{last_sweep['failed_jobs']} sweep job(s) failed (status and error in the sweep's results.csv); "
+              f"fix them and run the same command again: finished jobs are not retrained")
 
 
 def _run_plain(task: Callable[[Any, Path], None], cfg) -> None:
@@ -243,6 +279,8 @@ def _prepare(cfg):
     if hasattr(typed, "model"):
         absolutize_paths(typed)
     if hasattr(typed, "overrides"):
+        from saekit.sweep import parse_overrides
+
         typed.overrides = parse_overrides(list(HydraConfig.get().overrides.task))
     return typed
 

@@ -42,7 +42,7 @@ def activation_cache(cfg: SiteConfig, n_tokens: int) -> ActivationCache:
     return ensure_cache(cfg, n_tokens, lambda: load_model(cfg.model, device), console.print, _cache_progress)
 
 
-def _write_status(run_dir: Path, status: str, **facts) -> None:
+def write_status(run_dir: Path, status: str, **facts) -> None:
     tmp = run_dir / f".{STATUS_FILE}.tmp"
     tmp.write_text(json.dumps({"status": status, **facts}, indent=2))
     os.replace(tmp, run_dir / STATUS_FILE)
@@ -61,20 +61,20 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     device = resolve_device(cfg.device)
     cache = activation_cache(cfg, cfg.n_tokens)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
-    _write_status(run_dir, "running")
+    write_status(run_dir, "running")
     started = time.perf_counter()
     try:
         result = fit(cfg, TrainingData.from_cache(cache, cfg), run_dir, device, console,
                      evaluator=_training_evaluator(cfg, cache, device))
     except BaseException as exc:  # Ctrl-C too: the status must not stay "running"
-        _write_status(run_dir, "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        write_status(run_dir, "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise
     metrics, _ = evaluate_reconstruction(result.sae, cache, device)
     metrics["dead_frac_train"] = result.dead_frac_train
     run = {"run_id": cfg.run_id or run_dir.name, **run_facts(cfg, cache.manifest["hook"], cfg.n_steps * cfg.batch_size)}
     write_table(tidy_table(run, metrics, cfg.overrides), run_dir)
     wall = time.perf_counter() - started
-    _write_status(run_dir, "done", train_tokens_per_s=round(result.tokens_per_s, 1), epochs=round(result.epochs, 3),
+    write_status(run_dir, "done", train_tokens_per_s=round(result.tokens_per_s, 1), epochs=round(result.epochs, 3),
                   wall_s=round(wall, 2))
     console.print(f"trained {result.steps_run} steps at {result.tokens_per_s:,.0f} tokens/s "
                   f"({result.epochs:.2f} epochs over {cache.n_acts('train'):,} cached vectors)")

@@ -285,3 +285,26 @@ def test_checkpoint_whose_tensors_disagree_with_its_spec_is_one_line(trained_run
     result = run_cli("eval", f"ckpt={tmp_path / 'sae.safetensors'}", f"hydra.run.dir={tmp_path / 'e'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "its tensors do not match its own spec" in result.stderr
+
+
+def test_sweep_table_records_failures_and_a_rerun_trains_nothing(tmp_path, small_text):
+    cache_dir, sweep_dir = tmp_path / "cache", tmp_path / "sweep"
+    args = ["k=4,8,16,600", "n=512", "data=text_files", f"data.paths=[{small_text}]", "data.ctx_len=32",
+            "data.n_eval_tokens=2048", "n_tokens=40960", "batch_size=2048", f"cache.dir={cache_dir}",
+            f"hydra.sweep.dir={sweep_dir}"]
+    first = run_cli("sweep", *args)
+    assert first.returncode == 2 and "1 sweep job(s) failed" in first.stderr  # k=600 > n fails; the others finish
+    table = pd.read_csv(sweep_dir / "results.csv")
+    jobs = table.drop_duplicates("run_id").set_index("k")
+    assert sorted(jobs.index) == [4, 8, 16, 600]
+    assert list(jobs.loc[[4, 8, 16], "status"]) == ["ok"] * 3 and jobs.loc[600, "status"] == "failed"
+    assert "k=600 must be in 1..n" in jobs.loc[600, "error"]
+    assert set(table.loc[table["status"] == "ok", "metric"]) >= {"nmse", "l0", "dead_frac"}
+    assert (table.columns[:11] == REQUIRED_COLUMNS).all() and "status" in table.columns
+    assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == 1  # 4 jobs, one shared activation cache
+
+    second = run_cli("sweep", *args)
+    assert second.returncode == 2
+    assert second.stdout.count("trained 0 steps") == 3  # finished jobs are not trained again
+    assert pd.read_csv(sweep_dir / "results.csv").equals(table)
+    assert pd.read_parquet(sweep_dir / "results.parquet")["status"].tolist() == table["status"].tolist()
