@@ -22,6 +22,7 @@ COMMANDS = {
     "cache": ("cache", "build or reuse the activation cache for a model, hook and dataset"),
     "sweep": ("train", "a Hydra multirun of `train`, e.g. saekit sweep k=8,16,32"),
     "hooks": ("cache", "list the hook points of a model: saekit hooks model=stories260k"),
+    "report": ("", "Pareto plots, progressive-code curves, a power-law fit and report.md: saekit report <sweep folder>"),
 }
 EXIT_USER_ERROR = 2
 _HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--shell-completion", "-sc")
@@ -227,6 +228,27 @@ def quote_path_values(args: list[str]) -> list[str]:
     return quoted
 
 
+_FLAGS_WITH_VALUE = ("--cfg", "-c", "--info", "-i", "--package", "-p", "--shell-completion", "-sc")
+
+
+def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra flags with their values, overrides): Hydra's parser wants the flags first; users write them anywhere."""
+    flags, overrides, index = [], [], 0
+    while index < len(args):
+        arg = args[index]
+        if arg.split("=")[0] in _HYDRA_FLAGS or arg in ("--package", "-p"):
+            flags.append(arg)
+            takes_value = arg in _FLAGS_WITH_VALUE and index + 1 < len(args) and "=" not in args[index + 1] \
+                and not args[index + 1].startswith("-")
+            if takes_value:
+                flags.append(args[index + 1])
+                index += 1
+        else:
+            overrides.append(arg)
+        index += 1
+    return flags, overrides
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -235,10 +257,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     command, rest = argv[0], quote_path_values(argv[1:])
     if command not in COMMANDS:
         _fail(f"unknown command {command!r}; use one of: {', '.join(COMMANDS)}")
+    if command == "report":
+        return _report(rest)
+    if command == "sweep" and any(arg.startswith("sweep=") for arg in rest):
+        return _preset_sweep(rest)
     config_name = COMMANDS[command][0]
     _register()
     wants_hydra_flag = any(arg.split("=")[0] in _HYDRA_FLAGS for arg in rest)
     multirun = command == "sweep"
+    if multirun and any(arg in ("--cfg", "-c") for arg in rest):
+        return _print_sweep_jobs([rest])
     if not wants_hydra_flag and not multirun:
         checked = preflight(config_name, rest)
         if command == "hooks":  # prints only: no run folder, no log file
@@ -251,7 +279,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     task = {"train": tasks.train, "sweep": tasks.train, "eval": tasks.evaluate, "cache": tasks.cache,
             "hooks": tasks.hooks}[command]
     # Hydra's parser wants its flags before the overrides.
-    sys.argv = [f"saekit-{command}", *(["--multirun"] if multirun else []), f"hydra.job.name={command}", *rest]
+    flags, overrides = split_flags(rest)
+    sys.argv = [f"saekit-{command}", *(["--multirun"] if multirun else []), *flags, f"hydra.job.name={command}",
+                *overrides]
     _hydra_run(config_name, lambda cfg, run_dir: task(_prepare(cfg), run_dir))
     from saekit.sweep import last_sweep
 
@@ -260,6 +290,74 @@ def main(argv: Optional[list[str]] = None) -> None:
     if multirun and last_sweep["failed_jobs"]:
         _fail(f"{last_sweep['failed_jobs']} sweep job(s) failed (status and error in the sweep's results.csv); "
               f"fix them and run the same command again: finished jobs are not retrained")
+
+
+def _preset_sweep(args: list[str]) -> None:
+    """`saekit sweep sweep=<preset>`: each group of conf/sweep/<preset>.yaml is one Hydra multirun, all into one
+    sweep folder (default outputs/sweeps/<preset>, so the same command resumes), then one table over all jobs."""
+    import subprocess
+
+    import yaml
+
+    name = next(arg for arg in args if arg.startswith("sweep=")).partition("=")[2]
+    presets = sorted(path.stem for path in (conf_dir() / "sweep").glob("*.yaml"))
+    if name not in presets:
+        _fail(f"sweep={name} is not a preset; use one of: {', '.join(presets)}")
+    preset = yaml.safe_load((conf_dir() / "sweep" / f"{name}.yaml").read_text())
+    rest = [arg for arg in args if not arg.startswith("sweep=")]
+    if not any(arg.startswith("hydra.sweep.dir=") for arg in rest):
+        rest.append(f"hydra.sweep.dir=outputs/sweeps/{name}")
+    if any(arg in ("--cfg", "-c") for arg in rest):
+        return _print_sweep_jobs([[*preset.get("common", []), *group, *rest] for group in preset["groups"]])
+    failed = 0
+    for group in preset["groups"]:
+        command = [sys.executable, "-m", "saekit.cli", "sweep", *preset.get("common", []), *group, *rest]
+        failed += subprocess.run(command).returncode != 0
+    if failed:
+        _fail(f"sweep={name}: {failed} of {len(preset['groups'])} groups had failures (see the sweep's results.csv); "
+              f"run the same command again to retry them")
+
+
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """The jobs of a basic-sweeper multirun: the cartesian product of comma-separated values (lists kept whole)."""
+    jobs: list[list[str]] = [[]]
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        choices = value.split(",") if sep and "," in value and not value.startswith(("[", "{", "'", '"')) else [value]
+        jobs = [job + [f"{key}{sep}{choice}" if sep else item] for job in jobs for choice in choices]
+    return jobs
+
+
+def _print_sweep_jobs(groups: list[list[str]]) -> None:
+    """`--cfg job` for a sweep: compose and print every job's config (Hydra refuses --cfg with --multirun)."""
+    from omegaconf import OmegaConf
+
+    _register()
+    index = 0
+    for group in groups:
+        flags, overrides = split_flags(group)
+        overrides = [arg for arg in overrides if not arg.startswith(("hydra.", "+hydra."))]
+        for job in expand_sweep(overrides):
+            checked = preflight("train", job)
+            print(f"# job {index}: {' '.join(job)}")
+            print(OmegaConf.to_yaml(OmegaConf.structured(checked)))
+            index += 1
+
+
+def _report(args: list[str]) -> None:
+    from saekit.errors import SaekitError
+    from saekit.sweep_report import write_report
+
+    if len(args) != 1 or args[0].startswith("-"):
+        _fail("report takes one sweep folder: saekit report <folder> (the hydra.sweep.dir of a sweep)")
+    folder = Path(args[0].strip("'\"")).expanduser()
+    if not folder.is_dir():
+        _fail(f"report: {folder} is not a folder; pass the hydra.sweep.dir of a sweep")
+    try:
+        path = write_report(folder)
+    except SaekitError as exc:
+        _fail(str(exc))
+    print(f"report: {path} (plots beside it)")
 
 
 def _run_plain(task: Callable[[Any, Path], None], cfg) -> None:

@@ -220,6 +220,21 @@ class InitConfig:
 
 
 @dataclass
+class FinalEvalConfig:
+    """What `saekit train` evaluates after training, beyond the reconstruction metrics (`saekit eval` does all)."""
+
+    downstream: bool = False
+    """Splice into the model: delta_ce, loss_recovered, kl, ... (loads the model)."""
+    downstream_tokens: int = 8192
+    k_primes: list[int] = field(default_factory=list)
+    """Progressive codes: test-time TopK(k') rows."""
+    thetas: list[float] = field(default_factory=list)
+    """Progressive codes: test-time JumpReLU(theta) rows."""
+    refine_tokens: int = 0
+    """Shrinkage by refinement on this many held-out tokens; 0: off."""
+
+
+@dataclass
 class CacheConfig:
     """The on-disk activation cache."""
 
@@ -285,6 +300,7 @@ class TrainConfig(SiteConfig):
     dead: DeadConfig = MISSING
     optimizer: OptimizerConfig = MISSING
     init: InitConfig = field(default_factory=InitConfig)
+    final_eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
     n: int = 512
     """Number of latents (dictionary size)."""
     k: int = 32

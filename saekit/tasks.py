@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from saekit.cache import ActivationCache, ensure_cache, excludes_bos
 from saekit.checkpoint import load_sae, resolve_checkpoints
 from saekit.config import CacheCommandConfig, CacheConfig, DataConfig, EvalConfig, ModelConfig, SiteConfig, TrainConfig
-from saekit.evaluate import check_compatible, evaluate_checkpoint, evaluate_reconstruction
+from saekit.evaluate import Evaluation, check_compatible, evaluate_checkpoint
 from saekit.latents import DENSITY_PLOT, LATENT_TABLE, latent_table, plot_density_histogram, write_latent_table
 from saekit.model import LoadedModel, load_model, resolve_device
 from saekit.report import print_summary, tidy_table, write_table
@@ -69,10 +69,10 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     except BaseException as exc:  # Ctrl-C too: the status must not stay "running"
         write_status(run_dir, "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise
-    metrics, _ = evaluate_reconstruction(result.sae, cache, device)
-    metrics["dead_frac_train"] = result.dead_frac_train
+    evaluation = _final_evaluation(cfg, result.sae, cache, device)
+    metrics = {**evaluation.metrics, "dead_frac_train": result.dead_frac_train}
     run = {"run_id": cfg.run_id or run_dir.name, **run_facts(cfg, cache.manifest["hook"], cfg.n_steps * cfg.batch_size)}
-    write_table(tidy_table(run, metrics, cfg.overrides), run_dir)
+    write_table(result_frames(run, metrics, evaluation.progressive, cfg.overrides), run_dir)
     wall = time.perf_counter() - started
     write_status(run_dir, "done", train_tokens_per_s=round(result.tokens_per_s, 1), epochs=round(result.epochs, 3),
                   wall_s=round(wall, 2))
@@ -81,6 +81,26 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     print_summary(console, f"held-out metrics ({cache.n_acts('eval'):,} tokens)", run, metrics)
     console.print(f"results: {run_dir / 'results.csv'}", highlight=False)
     return metrics
+
+
+def _final_evaluation(cfg: TrainConfig, sae, cache: ActivationCache, device) -> Evaluation:
+    """Held-out metrics after training: reconstruction always; downstream and progressive codes when asked."""
+    final = cfg.final_eval
+    settings = EvalConfig(ckpt="<training>", downstream=final.downstream, downstream_tokens=final.downstream_tokens,
+                          ablation_positions=0, k_primes=list(final.k_primes), thetas=list(final.thetas),
+                          refine_tokens=final.refine_tokens, device=cfg.device)
+    model = load_model(cfg.model, device) if final.downstream else None
+    return evaluate_checkpoint(sae, cache, settings, device, model, cfg.hook_name, excludes_bos(cfg.data))
+
+
+def result_frames(run: dict, metrics: dict, progressive: list[dict], context: dict) -> pd.DataFrame:
+    """The tidy table of one run: its metric rows, then one block per progressive-code value."""
+    frames = [tidy_table(run, metrics, context)]
+    for row in progressive:
+        row = dict(row)
+        swept = {key: row.pop(key) for key in ("k_prime", "theta") if key in row}
+        frames.append(tidy_table(run, row, {**swept, **context}))
+    return pd.concat(frames, ignore_index=True)
 
 
 def _training_evaluator(cfg: TrainConfig, cache: ActivationCache, device):
@@ -96,15 +116,15 @@ def _training_evaluator(cfg: TrainConfig, cache: ActivationCache, device):
 
 def _trained_config(meta: dict) -> TrainConfig:
     """The TrainConfig saved in a checkpoint's metadata, nested dataclasses rebuilt."""
-    from saekit.config import ActivationConfig, DeadConfig, InitConfig, OptimizerConfig
+    from saekit.config import ActivationConfig, DeadConfig, FinalEvalConfig, InitConfig, OptimizerConfig
     from saekit.errors import DataError
 
     saved = meta.get("train_config")
     if saved is None:
         raise DataError("ckpt: the checkpoint records no training config; evaluate a checkpoint written by saekit train")
     types = {"model": ModelConfig, "data": DataConfig, "cache": CacheConfig, "activation": ActivationConfig,
-             "dead": DeadConfig, "optimizer": OptimizerConfig, "init": InitConfig}
-    return TrainConfig(**{**saved, **{key: kind(**saved[key]) for key, kind in types.items()}})
+             "dead": DeadConfig, "optimizer": OptimizerConfig, "init": InitConfig, "final_eval": FinalEvalConfig}
+    return TrainConfig(**{**saved, **{key: kind(**saved.get(key, {})) for key, kind in types.items()}})
 
 
 def evaluate(cfg: EvalConfig, run_dir: Path) -> pd.DataFrame:
@@ -151,13 +171,10 @@ def _evaluate_one(cfg: EvalConfig, ckpt: Path, device, models: dict) -> tuple[pd
     evaluation = evaluate_checkpoint(sae, cache, cfg, device, model, site.hook_name, keep_first=excludes_bos(site.data))
     run = {"run_id": ckpt.parent.name, **run_facts(trained, cache.manifest["hook"], trained.n_steps * trained.batch_size)}
     context = {"ckpt": str(ckpt), "eval_data": site.data.name}
-    frames = [tidy_table(run, evaluation.metrics, context)]
-    for row in evaluation.progressive:
-        swept = {key: row.pop(key) for key in ("k_prime", "theta") if key in row}
-        frames.append(tidy_table(run, row, {**swept, **context}))
     print_summary(console, f"held-out metrics: {ckpt.parent.name} ({cache.n_acts('eval'):,} tokens, {site.data.name})",
                   run, evaluation.metrics)
-    return pd.concat(frames, ignore_index=True), latent_table(evaluation.stats), evaluation.stats
+    return result_frames(run, evaluation.metrics, evaluation.progressive, context), latent_table(evaluation.stats), \
+        evaluation.stats
 
 
 def cache(cfg: CacheCommandConfig, run_dir: Path) -> None:
