@@ -126,7 +126,7 @@ def test_encoder_scale_matches_reconstruction_norms(activation):
     sae = make_sae(activation, d=16, n=64, k=8)
     sample = torch.randn(512, 16, generator=torch.Generator().manual_seed(1)) + 3.0
     x_hat = sae.decode(sae.encode(sample)).detach()
-    ratio = (x_hat - sae.b_pre).norm(dim=1).mean() / (sample - sae.b_pre).norm(dim=1).mean()
+    ratio = ((x_hat - sae.b_pre).norm(dim=1).mean() / (sample - sae.b_pre).norm(dim=1).mean()).detach()
     assert abs(float(ratio) - 1.0) < 1e-4
 
 
