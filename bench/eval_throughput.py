@@ -18,8 +18,7 @@ import torch
 
 from saekit.checkpoint import load_sae, resolve_checkpoint
 from saekit.downstream import downstream_metrics
-from saekit.model import load_model
-from saekit.tasks import _trained_config, activation_cache
+from saekit.tasks import ModelPool, _trained_config, activation_cache
 
 BATCH_WINDOWS = 16
 
@@ -38,8 +37,9 @@ def main() -> None:
     n_tokens = int(float(sys.argv[2])) if len(sys.argv) > 2 else 32768
     sae, meta = load_sae(resolve_checkpoint(str(run)))
     trained = _trained_config(meta)
-    model = load_model(trained.model, torch.device("cpu"))
-    cache = activation_cache(trained, trained.n_tokens)  # the run's own cache (reused, or rebuilt if missing)
+    models = ModelPool(torch.device("cpu"))
+    model = models.get(trained.model)
+    cache = activation_cache(trained, trained.n_tokens, models)  # the run's own cache (reused, or rebuilt if missing)
     windows = cache.tokens("eval")[: n_tokens // cache.tokens("eval").shape[1]].long()
     mean = torch.cat(list(cache.iter_split("eval", 65536))).mean(0)
     tokens = windows.numel()

@@ -151,7 +151,7 @@ def _guarded(task: Callable[[Any, Path], None], cfg) -> None:
     from hydra.types import RunMode
 
     from saekit.errors import SaekitError
-    from saekit.tasks import write_status
+    from saekit.fileutil import write_status
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     warnings.filterwarnings("ignore", category=UserWarning)

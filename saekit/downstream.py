@@ -18,16 +18,25 @@ VARIANTS = ("clean", "spliced", "zero", "mean")
 Splice = Callable[[torch.Tensor], torch.Tensor]  # (N, d) raw activations → (N, d) what goes back in
 
 
-def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
-    """KL(p ‖ q) = Σ_v p_v (log p_v − log q_v) per position, from logits (..., V) → (...)."""
-    log_p, log_q = F.log_softmax(logits_p.double(), dim=-1), F.log_softmax(logits_q.double(), dim=-1)
+def log_probs_of(logits: torch.Tensor) -> torch.Tensor:
+    """float64 log-softmax over the vocabulary (..., V), computed once and shared by CE and KL."""
+    return F.log_softmax(logits.double(), dim=-1)
+
+
+def kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) = Σ_v p_v (log p_v − log q_v) per position. (..., V) → (...)."""
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
 
 
-def next_token_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """−log p(token_{t+1} | ≤ t) at each position t < T−1. logits (B, T, V), tokens (B, T) → (B, T−1)."""
-    log_probs = F.log_softmax(logits[:, :-1].double(), dim=-1)
-    return -log_probs.gather(-1, tokens[:, 1:, None].long()).squeeze(-1)
+def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) per position, from logits (..., V) → (...)."""
+    return kl_from_log_probs(log_probs_of(logits_p), log_probs_of(logits_q))
+
+
+def nll_from_log_probs(log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """−log p(token_{t+1} | ≤ t) at each position t < T−1. log_probs (B, T, V), tokens (B, T) → (B, T−1)."""
+    return -log_probs[:, :-1].gather(-1, tokens[:, 1:, None].long()).squeeze(-1)
+
 
 
 def loss_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> float:
@@ -83,11 +92,12 @@ def downstream_metrics(model, hook: str, windows: torch.Tensor, splice: Splice, 
         batch = tokens.shape[0]
         stacked = tokens.repeat(len(VARIANTS), 1)
         logits = model.bridge.run_with_hooks(stacked, fwd_hooks=[(hook, _variant_hook(splice, mean_act, batch, keep_first))])
-        nll = next_token_nll(logits, stacked)[:, first_scored:]
+        log_probs = log_probs_of(logits)
+        nll = nll_from_log_probs(log_probs, stacked)[:, first_scored:]
         for index, name in enumerate(VARIANTS):
             totals.ce[name] += float(nll[index * batch:(index + 1) * batch].sum())
-        clean, spliced = logits[:batch, first_scored:-1], logits[batch:2 * batch, first_scored:-1]
-        totals.kl += float(kl_divergence(clean, spliced).sum())
+        clean, spliced = log_probs[:batch, first_scored:-1], log_probs[batch:2 * batch, first_scored:-1]
+        totals.kl += float(kl_from_log_probs(clean, spliced).sum())
         totals.positions += nll.shape[1] * batch
         if progress:
             progress(batch * tokens.shape[1])

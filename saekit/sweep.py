@@ -14,9 +14,9 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from saekit.fileutil import STATUS_FILE
 from saekit.report import ID_COLUMNS, write_table
 
-STATUS_FILE = "status.json"
 last_sweep = {"failed_jobs": 0}  # set by the CLI's sweep callback, read for the exit code
 
 

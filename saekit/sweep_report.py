@@ -33,8 +33,7 @@ def load_sweep(folder: Path) -> pd.DataFrame:
 
 def runs_table(table: pd.DataFrame) -> pd.DataFrame:
     """One row per ok run: its settings and its main metrics (progressive rows left out)."""
-    ok = table[table.get("status", "ok") == "ok"] if "status" in table else table
-    main = ok
+    main = table[table["status"] == "ok"] if "status" in table else table
     for column in ("k_prime", "theta"):
         if column in main:
             main = main[main[column].isna()]

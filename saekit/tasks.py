@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pandas as pd
 from rich.console import Console
@@ -18,6 +17,7 @@ from saekit.cache import ActivationCache, ensure_cache, excludes_bos
 from saekit.checkpoint import load_sae, resolve_checkpoints
 from saekit.config import CacheCommandConfig, CacheConfig, DataConfig, EvalConfig, ModelConfig, SiteConfig, TrainConfig
 from saekit.evaluate import Evaluation, check_compatible, evaluate_checkpoint
+from saekit.fileutil import write_status
 from saekit.latents import DENSITY_PLOT, LATENT_TABLE, latent_table, plot_density_histogram, write_latent_table
 from saekit.model import LoadedModel, load_model, resolve_device
 from saekit.report import print_summary, tidy_table, write_table
@@ -25,7 +25,6 @@ from saekit.sae import sae_class
 from saekit.train import TrainingData, fit
 
 console = Console()
-STATUS_FILE = "status.json"
 
 
 @contextmanager
@@ -36,16 +35,24 @@ def _cache_progress(total_tokens: int) -> Iterator:
         yield lambda n: bar.advance(task, n)
 
 
-def activation_cache(cfg: SiteConfig, n_tokens: int) -> ActivationCache:
+class ModelPool:
+    """Language models loaded at most once per command (cache build, evaluation during and after training)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.loaded: dict[str, LoadedModel] = {}
+
+    def get(self, cfg: ModelConfig) -> LoadedModel:
+        key = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+        if key not in self.loaded:
+            self.loaded[key] = load_model(cfg, self.device)
+        return self.loaded[key]
+
+
+def activation_cache(cfg: SiteConfig, n_tokens: int, models: Optional[ModelPool] = None) -> ActivationCache:
     """The cache for cfg's model, hook and data: reused when it exists, built (model loaded) when not."""
-    device = resolve_device(cfg.device)
-    return ensure_cache(cfg, n_tokens, lambda: load_model(cfg.model, device), console.print, _cache_progress)
-
-
-def write_status(run_dir: Path, status: str, **facts) -> None:
-    tmp = run_dir / f".{STATUS_FILE}.tmp"
-    tmp.write_text(json.dumps({"status": status, **facts}, indent=2))
-    os.replace(tmp, run_dir / STATUS_FILE)
+    models = models or ModelPool(resolve_device(cfg.device))
+    return ensure_cache(cfg, n_tokens, lambda: models.get(cfg.model), console.print, _cache_progress)
 
 
 def run_facts(cfg: TrainConfig, hook: str, tokens: int) -> dict:
@@ -59,17 +66,18 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     """Cache → fit → evaluate on held-out tokens → results.csv/.parquet in the run folder."""
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    cache = activation_cache(cfg, cfg.n_tokens)
+    models = ModelPool(device)
+    cache = activation_cache(cfg, cfg.n_tokens, models)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
     write_status(run_dir, "running")
     started = time.perf_counter()
     try:
         result = fit(cfg, TrainingData.from_cache(cache, cfg), run_dir, device, console,
-                     evaluator=_training_evaluator(cfg, cache, device))
+                     evaluator=_training_evaluator(cfg, cache, models))
     except BaseException as exc:  # Ctrl-C too: the status must not stay "running"
         write_status(run_dir, "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise
-    evaluation = _final_evaluation(cfg, result.sae, cache, device)
+    evaluation = _final_evaluation(cfg, result.sae, cache, models)
     metrics = {**evaluation.metrics, "dead_frac_train": result.dead_frac_train}
     run = {"run_id": cfg.run_id or run_dir.name, **run_facts(cfg, cache.manifest["hook"], cfg.n_steps * cfg.batch_size)}
     write_table(result_frames(run, metrics, evaluation.progressive, cfg.overrides), run_dir)
@@ -83,14 +91,20 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     return metrics
 
 
-def _final_evaluation(cfg: TrainConfig, sae, cache: ActivationCache, device) -> Evaluation:
+def _evaluate_after_training(cfg: TrainConfig, sae, cache: ActivationCache, models: ModelPool,
+                             settings: EvalConfig) -> Evaluation:
+    """`saekit eval`'s code path on the run's held-out split, the model loaded only for downstream metrics."""
+    model = models.get(cfg.model) if settings.downstream else None
+    return evaluate_checkpoint(sae, cache, settings, models.device, model, cfg.hook_name, excludes_bos(cfg.data))
+
+
+def _final_evaluation(cfg: TrainConfig, sae, cache: ActivationCache, models: ModelPool) -> Evaluation:
     """Held-out metrics after training: reconstruction always; downstream and progressive codes when asked."""
     final = cfg.final_eval
     settings = EvalConfig(ckpt="<training>", downstream=final.downstream, downstream_tokens=final.downstream_tokens,
                           ablation_positions=0, k_primes=list(final.k_primes), thetas=list(final.thetas),
                           refine_tokens=final.refine_tokens, device=cfg.device)
-    model = load_model(cfg.model, device) if final.downstream else None
-    return evaluate_checkpoint(sae, cache, settings, device, model, cfg.hook_name, excludes_bos(cfg.data))
+    return _evaluate_after_training(cfg, sae, cache, models, settings)
 
 
 def result_frames(run: dict, metrics: dict, progressive: list[dict], context: dict) -> pd.DataFrame:
@@ -103,15 +117,13 @@ def result_frames(run: dict, metrics: dict, progressive: list[dict], context: di
     return pd.concat(frames, ignore_index=True)
 
 
-def _training_evaluator(cfg: TrainConfig, cache: ActivationCache, device):
+def _training_evaluator(cfg: TrainConfig, cache: ActivationCache, models: ModelPool):
     """Held-out evaluation during training: the offline path with only nmse (and delta_ce when asked)."""
     if cfg.eval_every_steps is None:
         return None
     settings = EvalConfig(ckpt="<training>", downstream=cfg.eval_delta_ce, downstream_tokens=cfg.eval_tokens,
                           ablation_positions=0, refine_tokens=0, device=cfg.device)
-    model = load_model(cfg.model, device) if cfg.eval_delta_ce else None
-    keep_first = excludes_bos(cfg.data)
-    return lambda sae: evaluate_checkpoint(sae, cache, settings, device, model, cfg.hook_name, keep_first).metrics
+    return lambda sae: _evaluate_after_training(cfg, sae, cache, models, settings).metrics
 
 
 def _trained_config(meta: dict) -> TrainConfig:
@@ -134,7 +146,7 @@ def evaluate(cfg: EvalConfig, run_dir: Path) -> pd.DataFrame:
     """
     device = resolve_device(cfg.device)
     checkpoints = resolve_checkpoints(cfg.ckpt)
-    models: dict[str, LoadedModel] = {}
+    models = ModelPool(device)
     frames, latents = [], []
     for ckpt in checkpoints:
         frame, table, stats = _evaluate_one(cfg, ckpt, device, models)
@@ -153,20 +165,17 @@ def evaluate(cfg: EvalConfig, run_dir: Path) -> pd.DataFrame:
     return results
 
 
-def _evaluate_one(cfg: EvalConfig, ckpt: Path, device, models: dict) -> tuple[pd.DataFrame, pd.DataFrame, object]:
+def _evaluate_one(cfg: EvalConfig, ckpt: Path, device, models: ModelPool) -> tuple[pd.DataFrame, pd.DataFrame, object]:
     sae, meta = load_sae(ckpt, device)
     trained = _trained_config(meta)
     # The model and hook it was trained on; the data too unless eval names other data.
     site = SiteConfig(model=trained.model, data=cfg.data if cfg.data is not None else trained.data, cache=cfg.cache,
                       layer=trained.layer, hook=trained.hook, device=cfg.device, seed=trained.seed)
-    cache = activation_cache(site, trained.n_tokens)
+    cache = activation_cache(site, trained.n_tokens, models)
     check_compatible(sae, cache, str(ckpt))
     model = None
     if cfg.downstream or cfg.ablation_positions > 0 or cfg.progressive_delta_ce:
-        key = json.dumps(dataclasses.asdict(site.model), sort_keys=True)
-        if key not in models:
-            models[key] = load_model(site.model, device)
-        model = models[key]
+        model = models.get(site.model)
         model.check_hook(site.hook_name)
     evaluation = evaluate_checkpoint(sae, cache, cfg, device, model, site.hook_name, keep_first=excludes_bos(site.data))
     run = {"run_id": ckpt.parent.name, **run_facts(trained, cache.manifest["hook"], trained.n_steps * trained.batch_size)}

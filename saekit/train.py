@@ -211,8 +211,9 @@ def resample(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, dead: Dea
     """Resample the latents dead after `step`, from inputs drawn by (seed, step) so a resumed run does the same."""
     if not bool(dead.mask.any()):
         return 0
-    inputs, _ = sae.normalize_input(data.batches.sample(cfg.dead.resample_n_tokens, seed=cfg.seed * 7919 + step).to(device))
-    generator = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+    seed = cfg.seed * 7919 + step
+    inputs, _ = sae.normalize_input(data.batches.sample(cfg.dead.resample_n_tokens, seed=seed).to(device))
+    generator = torch.Generator().manual_seed(seed)
     revived = resample_dead_latents(sae, optimizer, dead.mask, inputs, cfg.dead.resample_encoder_frac, generator)
     dead.revive(revived)
     return revived.numel()

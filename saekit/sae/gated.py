@@ -37,13 +37,15 @@ class GatedSAE(SparseAutoencoder):
         """(π_gate, π_mag); π_gate is also `pre_acts`, what AuxK ranks dead latents by."""
         return self.pre_acts(x), (x - self.b_pre) @ self.W_mag.T + self.b_mag
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        pi_gate, pi_mag = self._paths(x)
+    def _latents(self, pi_gate: torch.Tensor, pi_mag: torch.Tensor) -> torch.Tensor:
         return self.scale_latents((pi_gate > 0) * F.relu(pi_mag))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._latents(*self._paths(x))
 
     def encode_for_training(self, x: torch.Tensor) -> Encoding:
         pi_gate, pi_mag = self._paths(x)
-        z = self.scale_latents((pi_gate > 0) * F.relu(pi_mag))
+        z = self._latents(pi_gate, pi_mag)
         gate_acts = F.relu(pi_gate)
         return Encoding(z=z, h=pi_gate, penalties={"sparsity": self.spec.lam * l1_penalty(gate_acts, self.W_dec)},
                         parts={"gate_acts": gate_acts})
