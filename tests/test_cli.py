@@ -308,3 +308,13 @@ def test_sweep_table_records_failures_and_a_rerun_trains_nothing(tmp_path, small
     assert second.stdout.count("trained 0 steps") == 3  # finished jobs are not trained again
     assert pd.read_csv(sweep_dir / "results.csv").equals(table)
     assert pd.read_parquet(sweep_dir / "results.parquet")["status"].tolist() == table["status"].tolist()
+
+
+def test_eval_on_an_empty_eval_set_is_one_line_and_writes_nothing(trained_run, cache_root, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    result = run_cli("eval", f"ckpt={trained_run}", "data=text_files", f"data.paths=[{empty}]",
+                     f"data.eval_paths=[{empty}]", f"cache.dir={cache_root}", f"hydra.run.dir={tmp_path / 'e'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "holds no complete window of tokens" in result.stderr
+    assert not (tmp_path / "e").exists()
