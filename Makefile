@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch; an unpinned torch would pull several GB of CUDA packages.
 TORCH  ?= torch==2.13.0
 
-.PHONY: help install demo test test-all test-gpu clean
+.PHONY: help install demo test test-all test-gpu bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ test-all:  ## every test, the slow ones included (gpu tests skip without CUDA)
 
 test-gpu:  ## the CUDA tests (run on a machine with a GPU)
 	$(BIN)/pytest -m gpu -q
+
+bench:  ## training speed vs the FLOP floor, cache/loader speed, memory → bench/results.csv (about 7 minutes on 2 cores)
+	$(BIN)/python bench/speed.py --out bench/results.csv
 
 clean:  ## remove run folders and activation caches under outputs/
 	rm -rf outputs/train outputs/eval outputs/cache outputs/sweeps outputs/activations outputs/demo

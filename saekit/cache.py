@@ -17,6 +17,7 @@ import os
 import shutil
 import struct
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,15 +144,24 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 class _ShardWriter:
-    """Appends activation rows and writes a shard file whenever `shard_rows` are buffered."""
+    """Appends activation rows and writes a shard file whenever `shard_rows` are buffered.
+
+    Files are written and hashed by a background thread while the model runs the next batches; at most
+    `max_pending` shards wait in memory, so a slow disk slows the build instead of filling memory.
+    """
+
+    max_pending = 2
 
     def __init__(self, folder: Path, split: str, shard_rows: int, dtype: torch.dtype):
         self.folder, self.split, self.shard_rows, self.dtype = folder, split, shard_rows, dtype
         self.pending: list[torch.Tensor] = []
         self.pending_rows = 0
         self.shards: list[dict] = []
+        self.files: list[dict] = []
         self.sum_norm = 0.0
         self.n_rows = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saekit-cache-writer")
+        self._writes: list[Future] = []
 
     def add(self, rows: torch.Tensor) -> None:
         self.sum_norm += float(rows.float().norm(dim=-1).double().sum())
@@ -162,17 +172,38 @@ class _ShardWriter:
             self._flush(self.shard_rows)
 
     def close(self) -> None:
-        if self.pending_rows:
-            self._flush(self.pending_rows)
+        """Write what is left and wait for every file; a failed write raises here."""
+        try:
+            if self.pending_rows:
+                self._flush(self.pending_rows)
+            for write in self._writes:
+                self.files.append(write.result())
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def abort(self) -> None:
+        """Stop without writing what is buffered (the build failed; its folder is never used)."""
+        for write in self._writes:
+            write.cancel()
+        self._pool.shutdown(wait=True)
 
     def _flush(self, n_rows: int) -> None:
         joined = torch.cat(self.pending)
         shard, rest = joined[:n_rows].contiguous(), joined[n_rows:]
         name = f"{self.split}_{len(self.shards):05d}.safetensors"
-        save_file({"acts": shard}, str(self.folder / name))
         self.shards.append({"file": name, "n_acts": int(shard.shape[0])})
         self.pending = [rest] if rest.shape[0] else []
         self.pending_rows = int(rest.shape[0])
+        waiting = [write for write in self._writes if not write.done()]
+        if len(waiting) >= self.max_pending:
+            waiting[0].result()
+        self._writes.append(self._pool.submit(_write_tensor_file, self.folder / name, "acts", shard))
+
+
+def _write_tensor_file(path: Path, name: str, tensor: torch.Tensor) -> dict:
+    """Write one safetensors file and describe it for the manifest (size and sha256)."""
+    save_file({name: tensor}, str(path))
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _report_size(console_print: Callable[[str], None], root: Path, n_rows: int, d: int, dtype: str) -> None:
@@ -203,9 +234,16 @@ def build_cache(cfg: SiteConfig, model, final: Path, n_tokens: int,
                 console_print: Callable[[str], None] = print,
                 progress_factory: Optional[Callable] = None) -> None:
     """Run the model over the token windows and write the cache into `final`, atomically."""
-    hook = cfg.hook_name
-    model.check_hook(hook)
+    model.check_hook(cfg.hook_name)
     windows = load_windows(cfg.data, model.tokenizer, model.bos_token_id, n_tokens)
+    write_cache(cfg, model, windows, final, n_tokens, console_print, progress_factory)
+
+
+def write_cache(cfg: SiteConfig, model, windows, final: Path, n_tokens: int,
+                console_print: Callable[[str], None] = print,
+                progress_factory: Optional[Callable] = None) -> dict:
+    """The cache of `windows` (train and eval token windows) at `final`; returns its manifest."""
+    hook = cfg.hook_name
     d = model.hook_width(hook)
     per_window = cfg.data.ctx_len - (1 if excludes_bos(cfg.data) else 0)
     n_rows = {split: int(w.shape[0]) * per_window for split, w in (("train", windows.train), ("eval", windows.eval))}
@@ -216,20 +254,25 @@ def build_cache(cfg: SiteConfig, model, final: Path, n_tokens: int,
     tmp.mkdir(parents=True)
     dtype = _TORCH_DTYPES[cfg.cache.dtype]
     shard_rows = max(1, cfg.cache.shard_mb * 2**20 // (d * torch.tensor([], dtype=dtype).element_size()))
-    splits = {}
+    splits, files = {}, []
     total_tokens = windows.train.numel() + windows.eval.numel()
     started = time.perf_counter()
     with (progress_factory(total_tokens) if progress_factory else _null_progress()) as advance:
         for split, split_windows in (("train", windows.train), ("eval", windows.eval)):
-            save_file({"tokens": split_windows.to(torch.int32).contiguous()}, str(tmp / f"tokens_{split}.safetensors"))
+            files.append(_write_tensor_file(tmp / f"tokens_{split}.safetensors", "tokens",
+                                            split_windows.to(torch.int32).contiguous()))
             writer = _ShardWriter(tmp, split, shard_rows, dtype)
-            _write_split(model, split_windows, hook, excludes_bos(cfg.data), writer, cfg.cache.batch_windows, advance)
+            try:
+                _write_split(model, split_windows, hook, excludes_bos(cfg.data), writer, cfg.cache.batch_windows, advance)
+            except BaseException:
+                writer.abort()
+                raise
             writer.close()
+            files.extend(writer.files)
             splits[split] = {"n_acts": writer.n_rows, "n_tokens": int(split_windows.numel()),
                              "n_windows": int(split_windows.shape[0]), "shards": writer.shards,
                              "mean_norm": writer.sum_norm / max(writer.n_rows, 1)}
     elapsed = time.perf_counter() - started
-    files = [{"file": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.glob("*.safetensors"))]
     manifest = {
         "format": CACHE_FORMAT,
         "saekit_version": __version__,
@@ -246,7 +289,7 @@ def build_cache(cfg: SiteConfig, model, final: Path, n_tokens: int,
         "data": data_fingerprint(cfg.data, n_tokens),
         "data_name": cfg.data.name,
         "splits": splits,
-        "files": files,
+        "files": sorted(files, key=lambda entry: entry["file"]),
         "build_seconds": round(elapsed, 3),
         "build_tokens_per_s": round(total_tokens / max(elapsed, 1e-9), 1),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -254,6 +297,7 @@ def build_cache(cfg: SiteConfig, model, final: Path, n_tokens: int,
     # The manifest is written last and the folder renamed into place: a half-written cache has neither.
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, final)
+    return manifest
 
 
 @contextmanager

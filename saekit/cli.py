@@ -8,7 +8,6 @@ with a non-zero exit.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys

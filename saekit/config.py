@@ -20,6 +20,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
 NORMALIZATIONS = ("none", "scale", "layer_norm")
 DEAD_REMEDIES = ("auxk", "resample", "none")
+PRECISIONS = ("fp32", "tf32", "bf16")
 PENALTIES = ("l1", "sqrt_l1")
 
 
@@ -325,9 +326,19 @@ class TrainConfig(SiteConfig):
     """Name of the run in results tables; defaults to the run folder's name."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Filled by the CLI with the command-line overrides that made the run (results table columns)."""
+    fast_path: bool = True
+    """TopK family: train through the sparse kernels (sae/sparse.py); false runs the dense reference (same math)."""
+    precision: str = "fp32"
+    """Encoder/decoder matmul precision on CUDA: fp32, tf32 (TF32 tensor cores) or bf16 (autocast; fp32 weights)."""
+    compile: bool = False
+    """torch.compile the loss computation (CUDA mainly; the first steps pay for compiling)."""
+    prefetch: int = 2
+    """Batches gathered ahead of the training step in a background thread (pinned memory on CUDA); 0 turns it off."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice("precision", self.precision, PRECISIONS)
+        require(self.prefetch >= 0, f"prefetch={self.prefetch} must be >= 0 (0 turns prefetching off)")
         require(self.n > 0, f"n={self.n} must be positive")
         require(0 < self.k <= self.n, f"k={self.k} must be in 1..n (n={self.n}); lower k or raise n")
         require(self.lam >= 0, f"lam={self.lam} must be >= 0")

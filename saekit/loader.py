@@ -6,6 +6,10 @@ batch `i` of an epoch is a slice of that permutation, gathered from the memory-m
 
 from __future__ import annotations
 
+import queue
+import threading
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -85,3 +89,80 @@ class ShuffledBatches(EpochBatches):
             local = rows[shard_of == shard_index] - self.offsets[shard_index]
             parts.append(self.shards[shard_index][local])
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+class Prefetcher:
+    """Batches `start..stop-1` of `batches`, gathered `depth` steps ahead in a background thread.
+
+    The gather (numpy/torch copies, which release the GIL) overlaps the training step. On CUDA the batch is
+    pinned and copied to the device on a side stream, so the host-to-device transfer overlaps compute too.
+    `depth=0` gathers in the calling thread. The order of batches never changes, so resumes stay exact.
+    """
+
+    def __init__(self, batches: EpochBatches, start: int, stop: int, depth: int, device: torch.device):
+        self.batches, self.start, self.stop, self.depth, self.device = batches, start, stop, depth, device
+        self.cuda = device.type == "cuda"
+        self._stopped = threading.Event()
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._thread: Optional[threading.Thread] = None
+        if depth > 0:
+            self._copy_stream = torch.cuda.Stream(device) if self.cuda else None
+            self._thread = threading.Thread(target=self._work, name="saekit-prefetch", daemon=True)
+            self._thread.start()
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def get(self, step: int) -> torch.Tensor:
+        """The batch of training step `step` on the device (steps must be asked for in order)."""
+        if self._thread is None:
+            return self.batches.batch(step).to(self.device, non_blocking=True)
+        got, batch, ready = self._queue.get()
+        if isinstance(batch, BaseException):
+            raise batch
+        if got != step:
+            raise RuntimeError(f"prefetcher out of order: asked for step {step}, got {got}")
+        if ready is not None:  # the side-stream copy must finish before compute reads the batch
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(ready)
+            batch.record_stream(current)
+        return batch
+
+    def close(self) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            while self._thread.is_alive():  # unblock a worker waiting on a full queue
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    self._thread.join(timeout=0.05)
+
+    def _work(self) -> None:
+        try:
+            for step in range(self.start, self.stop):
+                if self._stopped.is_set():
+                    return
+                self._put((step, *self._fetch(step)))
+        except BaseException as exc:  # handed to the training thread, which raises it
+            self._put((None, exc, None))
+
+    def _fetch(self, step: int) -> tuple[torch.Tensor, Optional["torch.cuda.Event"]]:
+        batch = self.batches.batch(step)
+        if not self.cuda:
+            return batch.to(self.device), None
+        with torch.cuda.stream(self._copy_stream):
+            on_device = batch.pin_memory().to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
+        return on_device, ready
+
+    def _put(self, item: tuple) -> None:
+        while not self._stopped.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue

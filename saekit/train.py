@@ -9,6 +9,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -22,7 +23,7 @@ from saekit.checkpoint import SAE_FILE, STATE_FILE, load_train_state, read_metad
 from saekit.config import TrainConfig
 from saekit.errors import ConfigError, TrainingDiverged
 from saekit.dead import DeadLatents, default_resample_steps, resample_dead_latents
-from saekit.loader import EpochBatches, ShuffledBatches
+from saekit.loader import EpochBatches, Prefetcher, ShuffledBatches
 from saekit.sae import SAESpec, SparseAutoencoder, build_sae
 
 STEP_LOG = "steps.csv"
@@ -31,8 +32,9 @@ STEP_COLUMNS = ("step", "tokens", "loss", "mse", "l0", "dead_frac", "lr", "token
 # loss_terms keys that are not a variant's own extra loss (Multi-TopK's L(4k), Gated's frozen-decoder term).
 _STANDARD_TERMS = ("loss", "mse", "sparsity", "auxk", "l0", "fired")
 # Settings that do not change what a run computes; a resumed run may differ in these.
+# fast_path and compile compute the same math (to float rounding) as their alternatives.
 _RESUME_IGNORED = ("device", "resume", "log_every_steps", "ckpt_every_steps", "run_id", "overrides", "cache",
-                   "eval_every_steps", "eval_delta_ce")
+                   "eval_every_steps", "eval_delta_ce", "fast_path", "compile", "prefetch")
 
 
 @dataclass
@@ -174,17 +176,51 @@ def initialize(sae: SparseAutoencoder, cfg: TrainConfig, data: TrainingData) -> 
 
 
 def make_optimizer(sae: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam; the fused kernel where torch has one (one pass over the weights: 3.6x faster than foreach on 2 CPU cores)."""
     opt = cfg.optimizer
+    fused = sae.W_enc.device.type in ("cpu", "cuda")
     return torch.optim.Adam(sae.param_groups(), lr=base_learning_rate(cfg, sae.spec.d), betas=(opt.beta1, opt.beta2),
-                            eps=opt.eps)
+                            eps=opt.eps, fused=fused)
+
+
+LossFunction = Callable[[torch.Tensor, Optional[torch.Tensor]], dict]
+
+
+def loss_function(sae: SparseAutoencoder, cfg: TrainConfig, device: torch.device) -> LossFunction:
+    """`sae.loss_terms` in the configured precision, compiled if asked; the sparse path unless fast_path=false."""
+    if cfg.precision != "fp32" and device.type != "cuda":
+        raise ConfigError(f"precision={cfg.precision} needs a CUDA device (training runs on {device.type}); "
+                          f"use precision=fp32")
+    sae.sparse_training = cfg.fast_path
+    terms = torch.compile(sae.loss_terms) if cfg.compile else sae.loss_terms
+    if cfg.precision != "bf16":
+        return terms
+
+    def bf16_terms(x: torch.Tensor, dead_mask: Optional[torch.Tensor]) -> dict:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return terms(x, dead_mask)
+
+    return bf16_terms
+
+
+@contextmanager
+def matmul_precision(precision: str):
+    """TF32 tensor-core matmuls for precision=tf32 (CUDA), restored afterwards."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               dead: DeadLatents, cfg: TrainConfig, lr: float) -> dict[str, torch.Tensor]:
+               dead: DeadLatents, cfg: TrainConfig, lr: float,
+               loss_fn: Optional[LossFunction] = None) -> dict[str, torch.Tensor]:
     """One optimizer step: loss, backward, decoder-gradient projection, clip, step, renormalize."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    terms = sae.loss_terms(x, dead.mask)
+    terms = (loss_fn or sae.loss_terms)(x, dead.mask)
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     if cfg.init.grad_projection:
@@ -264,6 +300,7 @@ def fit(cfg: TrainConfig, data: TrainingData, run_dir: Path, device: torch.devic
     if resume is None:
         initialize(sae, cfg, data)
     sae.to(device).train()
+    loss_fn = loss_function(sae, cfg, device)
     optimizer = make_optimizer(sae, cfg)
     dead = DeadLatents(torch.zeros(cfg.n, dtype=torch.long, device=device), dead_window_tokens(cfg))
     start = 0
@@ -283,11 +320,12 @@ def fit(cfg: TrainConfig, data: TrainingData, run_dir: Path, device: torch.devic
     last_ckpt = start if resume is not None else None
     resampling = resample_steps(cfg)
     tokens_timed, time_spent = 0, 0.0
-    with _TrainProgress(console, cfg.n_steps, start) as progress:
+    with (matmul_precision(cfg.precision), Prefetcher(loader, start, cfg.n_steps, cfg.prefetch, device) as batches,
+          _TrainProgress(console, cfg.n_steps, start) as progress):
         for step in range(start, cfg.n_steps):
             began = time.perf_counter()
-            x, _ = sae.normalize_input(loader.batch(step).to(device, non_blocking=True))
-            terms = train_step(sae, optimizer, x, dead, cfg, learning_rate(cfg, data.d, step))
+            x, _ = sae.normalize_input(batches.get(step))
+            terms = train_step(sae, optimizer, x, dead, cfg, learning_rate(cfg, data.d, step), loss_fn)
             loss = float(terms["loss"].detach())
             time_spent += time.perf_counter() - began
             tokens_timed += x.shape[0]

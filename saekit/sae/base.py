@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saekit.sae.sparse import ChosenCodes, SparseCode, decode_code, preact_values
+
 
 @dataclass
 class SAESpec:
@@ -79,6 +81,41 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
     return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
 
 
+class _EncoderPreacts(torch.autograd.Function):
+    """h = (x − b_pre) W_encᵀ + b_enc, with b_pre's gradient −(Σ_b ∂h_b) W_enc: a (n,)·(n, d) product instead of
+    autograd's (B, n)·(n, d) one, which is one of the five B×n×d matmuls of a dense training step."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, b_pre, W_enc, b_enc):
+        centered = x - b_pre
+        ctx.save_for_backward(centered, W_enc)
+        return torch.addmm(b_enc, centered, W_enc.T)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")  # backward under the forward's autocast state (bf16 training)
+    def backward(ctx, grad_h):
+        centered, W_enc = ctx.saved_tensors
+        grad_x = grad_b_pre = grad_W = grad_b = None
+        grad_sum = grad_h.sum(dim=0)
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_h @ W_enc
+        if ctx.needs_input_grad[1]:
+            grad_b_pre = -(grad_sum @ W_enc)
+        if ctx.needs_input_grad[2]:
+            grad_W = grad_h.T @ centered
+        if ctx.needs_input_grad[3]:
+            grad_b = grad_sum
+        return grad_x, grad_b_pre, grad_W, grad_b
+
+
+def encoder_preacts(x: torch.Tensor, b_pre: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
+    """(B, d) → (B, n) pre-activations; see `_EncoderPreacts` for the cheaper b_pre gradient."""
+    if not torch.is_grad_enabled():
+        return torch.addmm(b_enc, x - b_pre, W_enc.T)
+    return _EncoderPreacts.apply(x, b_pre, W_enc, b_enc)
+
+
 @dataclass
 class Encoding:
     """What a training forward pass produces before decoding.
@@ -102,6 +139,8 @@ class SparseAutoencoder(nn.Module):
 
     name: ClassVar[str] = ""
     topk_family: ClassVar[bool] = False
+    # The variant implements `choose_codes`, so training can take the sparse path (sae/sparse.py).
+    has_sparse_path: ClassVar[bool] = False
     # σ(c·h) = c·σ(h) for c > 0: the encoder can then be rescaled at init to match reconstruction norms.
     homogeneous: ClassVar[bool] = False
 
@@ -117,6 +156,8 @@ class SparseAutoencoder(nn.Module):
             self.latent_scale = nn.Parameter(torch.ones(n))
         # Input normalization (SPEC 3): x is multiplied by input_scale before the SAE sees it.
         self.register_buffer("input_scale", torch.ones(()))
+        # Train through the sparse path when the variant has one; False runs the dense reference.
+        self.sparse_training = True
 
     # ---- the variant's part -------------------------------------------------------------------
     def activate(self, h: torch.Tensor) -> torch.Tensor:
@@ -152,7 +193,7 @@ class SparseAutoencoder(nn.Module):
 
     # ---- shared forward path ------------------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.b_pre) @ self.W_enc.T + self.b_enc
+        return encoder_preacts(x, self.b_pre, self.W_enc, self.b_enc)
 
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
         return z * self.latent_scale if self.spec.learned_scale else z
@@ -172,8 +213,18 @@ class SparseAutoencoder(nn.Module):
         z = self.encode(x)
         return self.decode(z), z
 
+    def choose_codes(self, x_centered: torch.Tensor, dead_latents: Optional[torch.Tensor]) -> ChosenCodes:
+        """The sparse path's selection for a batch (variants with `has_sparse_path`); nothing here needs grad."""
+        raise NotImplementedError
+
     def loss_terms(self, x: torch.Tensor, dead_mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-        """Training loss and its named parts on a normalized batch x (B, d). `loss` is what is minimized."""
+        """Training loss and its named parts on a normalized batch x (B, d). `loss` is what is minimized.
+
+        In training mode a variant with a sparse path takes it (same loss and gradients, O(k·d) per token
+        beyond the encoder matmul); `sparse_training = False` forces this dense reference.
+        """
+        if self.training and self.sparse_training and self.has_sparse_path:
+            return self.sparse_loss_terms(x, dead_mask)
         encoding = self.encode_for_training(x)
         x_hat = self.decode(encoding.z)
         terms = {"mse": reconstruction_loss(x, x_hat)}
@@ -187,6 +238,39 @@ class SparseAutoencoder(nn.Module):
         terms["fired"] = active.any(dim=0)
         return terms
 
+    def sparse_loss_terms(self, x: torch.Tensor, dead_mask: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`loss_terms` through the sparse path: the variant chooses entries, only those carry gradient."""
+        x_centered = x - self.b_pre
+        dead_latents = None
+        if self.spec.dead_method == "auxk" and dead_mask is not None and bool(dead_mask.any()):
+            dead_latents = torch.nonzero(dead_mask).flatten()
+        chosen = self.choose_codes(x_centered.detach(), dead_latents)
+
+        def reconstruct(code: SparseCode) -> tuple[SparseCode, torch.Tensor, torch.Tensor]:
+            code = preact_values(code, x_centered, self.W_enc, self.b_enc)
+            activations = F.relu(code.values)
+            if self.spec.learned_scale:
+                activations = activations * self.latent_scale[code.latents]
+            return code, activations, decode_code(code, activations, self.W_dec) + self.b_pre
+
+        main, activations, x_hat = reconstruct(chosen.main)
+        terms = {"mse": reconstruction_loss(x, x_hat)}
+        for name, (code, weight) in chosen.extra.items():
+            terms[name] = weight * reconstruction_loss(x, reconstruct(code)[2])
+        if self.spec.dead_method == "auxk":
+            terms["auxk"] = torch.zeros((), device=x.device)
+            if chosen.aux is not None:
+                aux = preact_values(chosen.aux, x_centered, self.W_enc, self.b_enc)
+                error_hat = decode_code(aux, F.relu(aux.values), self.W_dec)
+                terms["auxk"] = self._auxk_from((x - x_hat).detach(), error_hat)
+        terms["loss"] = sum(terms.values())
+        active = activations.detach() != 0
+        terms["l0"] = active.float().sum() / x.shape[0]
+        fired = torch.zeros(self.spec.n, dtype=torch.bool, device=x.device)
+        fired[main.latents[active]] = True
+        terms["fired"] = fired
+        return terms
+
     def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor, h: torch.Tensor,
                   dead_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """α ||e − ê||² / ||e − mean(e)||², ê from the top-k_aux dead pre-activations (Gao et al. 2024, A.2).
@@ -196,9 +280,10 @@ class SparseAutoencoder(nn.Module):
         if dead_mask is None or not bool(dead_mask.any()):
             return torch.zeros((), device=x.device)
         k_aux = min(self.spec.effective_k_aux, int(dead_mask.sum()))
-        error = (x - x_hat).detach()
         values, indices = h.masked_fill(~dead_mask, float("-inf")).topk(k_aux, dim=-1, sorted=False)
-        error_hat = sparse_decode(F.relu(values), indices, self.W_dec)
+        return self._auxk_from((x - x_hat).detach(), sparse_decode(F.relu(values), indices, self.W_dec))
+
+    def _auxk_from(self, error: torch.Tensor, error_hat: torch.Tensor) -> torch.Tensor:
         residual_var = (error - error.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
         return self.spec.aux_alpha * (error - error_hat).pow(2).sum(dim=-1).mean() / residual_var
 

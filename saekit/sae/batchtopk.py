@@ -8,11 +8,17 @@ batch; `sae.eval()` (what evaluation and checkpoint loading use) applies θ.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from saekit.sae.base import Encoding, SAESpec, SparseAutoencoder
 from saekit.sae.registry import register
+from saekit.sae.sparse import ChosenCodes, aux_code, batch_top_entries, rank_preacts
+
+CANDIDATES_PER_K = 2
+"""The sparse path ranks each row's 2k largest entries; rows that want more are recomputed in full (exact)."""
 
 
 def batch_topk_activation(h: torch.Tensor, k: int) -> torch.Tensor:
@@ -32,6 +38,7 @@ class BatchTopKSAE(SparseAutoencoder):
     name = "batchtopk"
     topk_family = True
     homogeneous = True
+    has_sparse_path = True
 
     def __init__(self, spec: SAESpec):
         super().__init__(spec)
@@ -48,10 +55,21 @@ class BatchTopKSAE(SparseAutoencoder):
         self._update_threshold(encoding.h, encoding.z)
         return encoding
 
+    def choose_codes(self, x_centered: torch.Tensor, dead_latents: Optional[torch.Tensor]) -> ChosenCodes:
+        m = min(self.spec.n, CANDIDATES_PER_K * self.spec.k)
+        ranked = rank_preacts(x_centered, self.W_enc, self.b_enc, m, on="relu", dead_latents=dead_latents,
+                              k_aux=self.spec.effective_k_aux)
+        main = batch_top_entries(x_centered, self.W_enc, self.b_enc, ranked, self.spec.k * x_centered.shape[0])
+        self._record_smallest_kept(main.values)
+        return ChosenCodes(main, {}, aux_code(ranked))
+
     @torch.no_grad()
     def _update_threshold(self, h: torch.Tensor, z: torch.Tensor) -> None:
+        self._record_smallest_kept(h[z != 0])
+
+    @torch.no_grad()
+    def _record_smallest_kept(self, kept: torch.Tensor) -> None:
         """θ ← decay·θ + (1 − decay)·(smallest kept value); the first batch sets θ directly."""
-        kept = h[z != 0]
         if kept.numel() == 0:
             return
         smallest = kept.min()

@@ -9,8 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from typing import Optional
+
 from saekit.sae.base import SparseAutoencoder
 from saekit.sae.registry import register
+from saekit.sae.sparse import ChosenCodes, SparseCode, aux_code, rank_preacts
 
 
 def topk_activation(h: torch.Tensor, k: int, on: str = "preact") -> torch.Tensor:
@@ -28,6 +31,15 @@ class TopKSAE(SparseAutoencoder):
     name = "topk"
     topk_family = True
     homogeneous = True
+    has_sparse_path = True
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
         return topk_activation(h, self.spec.k, self.spec.topk_on)
+
+    def rank(self, x_centered: torch.Tensor, m: int, dead_latents: Optional[torch.Tensor], sorted: bool = False):
+        return rank_preacts(x_centered, self.W_enc, self.b_enc, m, self.spec.topk_on, sorted=sorted,
+                            dead_latents=dead_latents, k_aux=self.spec.effective_k_aux)
+
+    def choose_codes(self, x_centered: torch.Tensor, dead_latents: Optional[torch.Tensor]) -> ChosenCodes:
+        ranked = self.rank(x_centered, self.spec.k, dead_latents)
+        return ChosenCodes(SparseCode.per_row(ranked.top_values, ranked.top_latents), {}, aux_code(ranked))
