@@ -62,25 +62,43 @@ class Setup:
     steps_dense: int = 3
     cache_tokens: int = 524_288
     loader_tokens: int = 262_144
+    device: str = "cpu"
+    precision: str = "fp32"
 
     @classmethod
     def quick(cls) -> "Setup":
         return cls(d=64, n=512, k=8, batch=512, quality_tokens=8192, eval_tokens=2048, rounds=2, steps_fast=2,
                    steps_dense=1, cache_tokens=8192, loader_tokens=8192)
 
+    @classmethod
+    def gpt2_small(cls) -> "Setup":
+        """Gao et al.'s GPT-2-small configuration on CUDA in bf16 (training speed only)."""
+        return cls(d=768, n=32768, k=32, batch=131_072, rounds=5, steps_fast=5, device="cuda", precision="bf16")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
 
 # ---- (a) the matmul ceiling ---------------------------------------------------------------------------------
 def matmul_gflops(setup: Setup, reps: int = 3) -> float:
-    """fp32 GFLOP/s of the encoder matmul (B×d)·(d×n), best of `reps`."""
-    x = torch.randn(setup.batch, setup.d)
-    W = torch.randn(setup.n, setup.d)
+    """GFLOP/s of the encoder matmul (B×d)·(d×n) in the setup's precision, best of `reps`."""
+    x = torch.randn(setup.batch, setup.d, device=setup.device, dtype=setup.dtype)
+    W = torch.randn(setup.n, setup.d, device=setup.device, dtype=setup.dtype)
     best = math.inf
     x @ W.T
     for _ in range(reps):
+        synchronize(setup)
         began = time.perf_counter()
         x @ W.T
+        synchronize(setup)
         best = min(best, time.perf_counter() - began)
     return 2 * setup.batch * setup.d * setup.n / best / 1e9
+
+
+def synchronize(setup: Setup) -> None:
+    if setup.device == "cuda":
+        torch.cuda.synchronize()
 
 
 def selection_cost(setup: Setup, reps: int = 3) -> dict:
@@ -133,7 +151,7 @@ def synthetic_activations(setup: Setup, n_tokens: int, seed: int) -> torch.Tenso
 
 def train_config(setup: Setup, activation: str, fast_path: bool, n_tokens: int, **knobs):
     cfg = synthetic_train_config(activation, n=setup.n, n_tokens=n_tokens, batch_size=setup.batch, k=setup.k, **knobs)
-    return dataclasses.replace(cfg, fast_path=fast_path)
+    return dataclasses.replace(cfg, fast_path=fast_path, device=setup.device, precision=setup.precision)
 
 
 def training_data(x: torch.Tensor, setup: Setup) -> TrainingData:
@@ -174,15 +192,16 @@ def time_training(setup: Setup, x: torch.Tensor, activation: str, fast_path: boo
     data = training_data(x, setup)
     sae = build_sae(spec_from_config(cfg, setup.d))
     initialize(sae, cfg, data)
-    sae.train()
-    device = torch.device("cpu")
+    device = torch.device(setup.device)
+    sae.to(device).train()
     loss_fn = loss_function(sae, cfg, device)
     optimizer = make_optimizer(sae, cfg)
-    dead = DeadLatents(torch.zeros(cfg.n, dtype=torch.long), 10**12)
-    batches = [sae.normalize_input(data.batches.batch(i))[0] for i in range(4)]
+    dead = DeadLatents(torch.zeros(cfg.n, dtype=torch.long, device=device), 10**12)
+    batches = [sae.normalize_input(data.batches.batch(i).to(device))[0] for i in range(4)]
 
     def step(i: int) -> None:
         train_step(sae, optimizer, batches[i % len(batches)], dead, cfg, learning_rate(cfg, setup.d, i), loss_fn)
+        synchronize(setup)
 
     step(0)  # warm-up: Adam's moments and the allocator's pools exist from here on
     # Memory first, alone (the matmul measurements below allocate B×n outputs of their own).
@@ -348,13 +367,43 @@ def run(setup: Setup, out: Path, console: Console) -> list[tuple[str, float, str
     return rows
 
 
+def run_cuda(setup: Setup, out: Path, console: Console) -> list[tuple[str, float, str]]:
+    """Training speed only, at the GPT-2-small configuration, against the bf16 matmul ceiling measured here."""
+    rows: list[tuple[str, float, str]] = []
+    console.print(f"[bold]saekit bench (CUDA)[/bold]: d={setup.d} n={setup.n} k={setup.k} batch={setup.batch}, "
+                  f"{setup.precision} — {torch.cuda.get_device_name()}")
+    x = synthetic_activations(setup, 4 * setup.batch, seed=1)
+    for activation in ("topk", "batchtopk"):
+        torch.cuda.reset_peak_memory_stats()
+        result = time_training(setup, x, activation, True, setup.steps_fast)
+        rows += [(f"{activation}_tokens_per_s", result["tokens_per_s"], "tokens/s"),
+                 (f"{activation}_frac_floor", result["frac_floor"], f"fraction ({setup.precision} matmul ceiling)"),
+                 (f"{activation}_peak_gpu_mb", torch.cuda.max_memory_allocated() / 2**20, "MiB"),
+                 (f"{activation}_matmul_gflops", result["gflops"], "GFLOP/s")]
+    for name, value, unit in rows:
+        console.print(f"  {name:<28} {value:>12,.4g}  {unit}", highlight=False)
+    with open(out, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["name", "value", "unit"])
+        writer.writerows((name, f"{value:.6g}", unit) for name, value, unit in rows)
+        writer.writerow(["machine", torch.cuda.get_device_name(), "text"])
+    return rows
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small configuration (seconds; for tests)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.csv")
+    parser.add_argument("--cuda", action="store_true",
+                        help="GPT-2-small configuration (d=768, n=32768, k=32, batch 131072) in bf16 on CUDA")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    run(Setup.quick() if args.quick else Setup(), args.out, Console())
+    if args.cuda:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench: --cuda needs a CUDA device; run without --cuda for the CPU bench")
+        run_cuda(Setup.gpt2_small(), args.out or ROOT / "bench" / "results_cuda.csv", Console())
+    else:
+        run(Setup.quick() if args.quick else Setup(), args.out or ROOT / "bench" / "results.csv", Console())
     print(f"bench took {time.perf_counter() - started:.0f} s")
 
 

@@ -141,3 +141,12 @@ def test_bench_writes_every_contract_row(tmp_path):
     # the quality check compares the same recipe on both paths: equal to float tolerance at this size
     assert float(rows["topk_heldout_nmse"]["value"]) == pytest.approx(float(rows["topk_dense_heldout_nmse"]["value"]),
                                                                       rel=0.02)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    """compile=true goes through torch.compile (graph breaks at the data-dependent parts) to the same weights."""
+    eager = _fit(tmp_path / "eager").sae
+    compiled = _fit(tmp_path / "compiled", compile=True).sae
+    for name, param in eager.named_parameters():
+        assert torch.allclose(getattr(compiled, name), param, rtol=1e-3, atol=1e-4), name
