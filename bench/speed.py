@@ -357,14 +357,19 @@ def run(setup: Setup, out: Path, console: Console) -> list[tuple[str, float, str
     add("loader_tokens_per_s", loader, "tokens/s")
     add("loader_vs_train", loader / topk["tokens_per_s"], "x")
 
+    write_results(out, rows, machine())
+    console.print(f"wrote {out}")
+    return rows
+
+
+def write_results(out: Path, rows: list[tuple[str, float, str]], where: str) -> None:
+    """The `name, value, unit` CSV, with a last row naming the machine."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["name", "value", "unit"])
         writer.writerows((name, f"{value:.6g}", unit) for name, value, unit in rows)
-        writer.writerow(["machine", machine(), "text"])
-    console.print(f"wrote {out}")
-    return rows
+        writer.writerow(["machine", where, "text"])
 
 
 def run_cuda(setup: Setup, out: Path, console: Console) -> list[tuple[str, float, str]]:
@@ -382,11 +387,7 @@ def run_cuda(setup: Setup, out: Path, console: Console) -> list[tuple[str, float
                  (f"{activation}_matmul_gflops", result["gflops"], "GFLOP/s")]
     for name, value, unit in rows:
         console.print(f"  {name:<28} {value:>12,.4g}  {unit}", highlight=False)
-    with open(out, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["name", "value", "unit"])
-        writer.writerows((name, f"{value:.6g}", unit) for name, value, unit in rows)
-        writer.writerow(["machine", torch.cuda.get_device_name(), "text"])
+    write_results(out, rows, torch.cuda.get_device_name())
     return rows
 
 

@@ -65,13 +65,15 @@ def test_prefetcher_pins_and_copies_on_a_side_stream():
             assert batch.is_cuda and torch.equal(batch.cpu(), batches.batch(step))
 
 
-def _fit(tmp_path: Path, **changes):
+def _fit(tmp_path: Path, device: str = "cpu", **changes):
+    """30 TopK steps on a small planted dictionary through `fit`."""
     planted = PlantedDictionary(d=16, n_features=48, seed=0)
     x = planted.sample(8192, seed=1)
-    cfg = dataclasses.replace(synthetic_train_config("topk", n=64, n_tokens=30 * 512, batch_size=512, k=4), **changes)
+    cfg = dataclasses.replace(synthetic_train_config("topk", n=64, n_tokens=30 * 512, batch_size=512, k=4),
+                              device=device, **changes)
     training = TrainingData(TensorBatches(x, cfg.batch_size, cfg.seed), 16, "planted", float(x.norm(dim=1).mean()))
     tmp_path.mkdir(parents=True, exist_ok=True)
-    return fit(cfg, training, tmp_path, torch.device("cpu"), Console(quiet=True))
+    return fit(cfg, training, tmp_path, torch.device(device), Console(quiet=True))
 
 
 def test_fast_path_and_dense_reference_train_to_the_same_weights(tmp_path):
@@ -92,12 +94,7 @@ def test_bf16_and_tf32_need_cuda(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 def test_reduced_precision_trains_on_cuda(tmp_path, precision):
-    planted = PlantedDictionary(d=16, n_features=48, seed=0)
-    x = planted.sample(8192, seed=1)
-    cfg = dataclasses.replace(synthetic_train_config("topk", n=64, n_tokens=30 * 512, batch_size=512, k=4),
-                              precision=precision, device="cuda")
-    training = TrainingData(TensorBatches(x, 512, 0), 16, "planted", float(x.norm(dim=1).mean()))
-    result = fit(cfg, training, tmp_path, torch.device("cuda"), Console(quiet=True))
+    result = _fit(tmp_path, device="cuda", precision=precision)
     assert result.sae.W_enc.is_cuda and torch.isfinite(result.sae.W_enc).all()
 
 
