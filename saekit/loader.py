@@ -151,7 +151,7 @@ class Prefetcher:
 
     def _fetch(self, step: int) -> tuple[torch.Tensor, Optional["torch.cuda.Event"]]:
         batch = self.batches.batch(step)
-        if not self.cuda:
+        if not self.cuda or batch.is_cuda:  # already on the GPU (in-memory data): nothing to pin or copy
             return batch.to(self.device), None
         with torch.cuda.stream(self._copy_stream):
             on_device = batch.pin_memory().to(self.device, non_blocking=True)

@@ -68,6 +68,8 @@ def spec_from_config(cfg: TrainConfig, d: int) -> SAESpec:
 def config_fingerprint(cfg: TrainConfig, cache_key: str) -> str:
     """Hash of the settings and the activations that decide the result; a checkpoint resumes only under the same one."""
     settings = {key: value for key, value in dataclasses.asdict(cfg).items() if key not in _RESUME_IGNORED}
+    if settings.get("precision") == "fp32":  # the default, left out so checkpoints from before the setting resume
+        del settings["precision"]
     settings["activation_cache"] = cache_key
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

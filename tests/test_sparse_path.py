@@ -78,10 +78,12 @@ def test_sparse_path_matches_the_dense_reference(activation, variant):
         assert torch.allclose(sparse_grads[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max())), name
 
 
-def test_batchtopk_sparse_path_is_exact_when_tokens_want_more_than_their_candidates():
-    """Heavy tokens take more than 2k latents: the rows whose candidates run out are recomputed in full."""
+@pytest.mark.parametrize("heavy_rows", [12, 150])
+def test_batchtopk_sparse_path_is_exact_when_tokens_want_more_than_their_candidates(heavy_rows):
+    """Heavy tokens take more than 2k latents: the rows whose candidates run out are recomputed (with 150 heavy
+    rows, in more than one chunk of 64)."""
     sae = make("batchtopk", k=4, dead_method="none")
-    x = batch(seed=5, heavy_rows=12)
+    x = batch(seed=5, heavy_rows=heavy_rows)
     centered = x - sae.b_pre
     h = (centered @ sae.W_enc.T + sae.b_enc).detach()
     flat = torch.relu(h).flatten()
@@ -90,6 +92,9 @@ def test_batchtopk_sparse_path_is_exact_when_tokens_want_more_than_their_candida
     assert (dense != 0).sum(1).max() > 2 * 4  # the case this test is about occurs
 
     ranked = rank_preacts(centered, sae.W_enc.detach(), sae.b_enc.detach(), 8, on="relu")
+    candidates = torch.relu(ranked.top_values)
+    short = int((candidates.min(1).values > candidates.flatten().topk(4 * B).values.min()).sum())
+    assert short > (64 if heavy_rows > 64 else 0)
     code = batch_top_entries(centered, sae.W_enc.detach(), sae.b_enc.detach(), ranked, 4 * B)
     rebuilt = torch.zeros(B, N)
     rebuilt[code.rows, code.latents] = code.values

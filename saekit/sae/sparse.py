@@ -168,29 +168,32 @@ def batch_top_entries(x_centered: torch.Tensor, W_enc: torch.Tensor, b_enc: torc
 
     `ranked` holds each row's m largest ReLU(h). Entries a row did not offer are ≤ its smallest offered value
     (its floor). The n_keep-th largest candidate t is a lower bound of the true batch threshold, so the candidates
-    hold the answer unless a row's floor exceeds t: such rows (tokens that want more than m latents) get their
-    full pre-activation row recomputed and all entries above t added. One such round is enough, so the result is
-    exact with memory that grows with B·m.
+    hold the answer unless a row's floor exceeds t: such rows (tokens that want more than m latents) are
+    recomputed, chunk by chunk, and their entries above t that were not candidates are added. One such round is
+    enough, so the result is exact; memory grows with B·m plus one chunk.
     """
     n_rows, m = ranked.top_latents.shape
+    n = W_enc.shape[0]
+    device = x_centered.device
     candidates = F.relu(ranked.top_values)
     n_keep = min(n_keep, candidates.numel())
     threshold = candidates.flatten().topk(n_keep, sorted=False).values.min()
-    floors = candidates.min(dim=1).values
-    short_rows = torch.nonzero(floors > threshold).flatten()
-    device = x_centered.device
-    rows = torch.arange(n_rows, device=device).repeat_interleave(m)
-    values, latents = candidates.flatten(), ranked.top_latents.flatten()
-    if short_rows.numel():
-        keep = ~torch.isin(rows, short_rows)
-        h = F.relu(torch.addmm(b_enc, x_centered[short_rows], W_enc.T).float())
+    short_rows = torch.nonzero(candidates.min(dim=1).values > threshold).flatten()
+    rows = [torch.arange(n_rows, device=device).repeat_interleave(m)]
+    values, latents = [candidates.flatten()], [ranked.top_latents.flatten()]
+    chunk = chunk_rows(n, device)
+    for start in range(0, short_rows.numel(), chunk):
+        block = short_rows[start:start + chunk]
+        h = F.relu(torch.addmm(b_enc, x_centered[block], W_enc.T).float())
+        # Candidates keep their first-pass values (a recompute in another GEMM shape may round differently).
+        h.scatter_(1, ranked.top_latents[block], 0.0)
         extra_row, extra_latent = torch.nonzero(h > threshold, as_tuple=True)
-        rows = torch.cat([rows[keep], short_rows[extra_row]])
-        values = torch.cat([values[keep], h[extra_row, extra_latent]])
-        latents = torch.cat([latents[keep], extra_latent])
+        rows.append(block[extra_row])
+        values.append(h[extra_row, extra_latent])
+        latents.append(extra_latent)
+    rows, values, latents = torch.cat(rows), torch.cat(values), torch.cat(latents)
     chosen = values.topk(min(n_keep, values.numel()), sorted=False).indices
     chosen = chosen[values[chosen] > 0]  # zero entries decode to nothing and carry no gradient
-    n = W_enc.shape[0]
     chosen = chosen[torch.argsort(rows[chosen] * n + latents[chosen])]  # row-major order, as embedding_bag needs
     return SparseCode.from_rows(values[chosen], latents[chosen], rows[chosen], n_rows)
 
