@@ -11,25 +11,16 @@ from __future__ import annotations
 import csv
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from saekit.checkpoint import load_sae, resolve_checkpoint
 from saekit.downstream import downstream_metrics
+from timing import best_of  # bench/timing.py (this script's folder is on sys.path)
 from saekit.tasks import ModelPool, _trained_config, activation_cache
 
 BATCH_WINDOWS = 16
-
-
-def best_of(repeats: int, fn) -> float:
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return min(times)
 
 
 def main() -> None:

@@ -35,11 +35,12 @@ from rich.console import Console
 
 from saekit.cache import ActivationCache, _ShardWriter, write_cache
 from saekit.dead import DeadLatents
-from saekit.loader import ShuffledBatches, TensorBatches
+from saekit.loader import ShuffledBatches
 from saekit.metrics import ReconstructionStats
 from saekit.sae import build_sae
 from saekit.sae.sparse import rank_preacts
 from saekit.synthetic import synthetic_train_config
+from timing import best_of  # bench/timing.py (this script's folder is on sys.path)
 from saekit.train import (TrainingData, fit, initialize, learning_rate, loss_function, make_optimizer, spec_from_config,
                           train_step)
 
@@ -85,15 +86,9 @@ def matmul_gflops(setup: Setup, reps: int = 3) -> float:
     """GFLOP/s of the encoder matmul (B×d)·(d×n) in the setup's precision, best of `reps`."""
     x = torch.randn(setup.batch, setup.d, device=setup.device, dtype=setup.dtype)
     W = torch.randn(setup.n, setup.d, device=setup.device, dtype=setup.dtype)
-    best = math.inf
     x @ W.T
-    for _ in range(reps):
-        synchronize(setup)
-        began = time.perf_counter()
-        x @ W.T
-        synchronize(setup)
-        best = min(best, time.perf_counter() - began)
-    return 2 * setup.batch * setup.d * setup.n / best / 1e9
+    seconds = best_of(reps, lambda: x @ W.T, sync=lambda: synchronize(setup))
+    return 2 * setup.batch * setup.d * setup.n / seconds / 1e9
 
 
 def synchronize(setup: Setup) -> None:
@@ -108,18 +103,11 @@ def selection_cost(setup: Setup, reps: int = 3) -> dict:
     W = torch.randn(setup.n, setup.d) / math.sqrt(setup.d)
     b = torch.zeros(setup.n)
     h = x @ W.T
-
-    def best(fn) -> float:
+    measures = {"matmul": lambda: torch.addmm(b, x, W.T), "ranked": lambda: rank_preacts(x, W, b, setup.k),
+                "topk_whole": lambda: h.topk(setup.k, dim=-1, sorted=False)}
+    for fn in measures.values():  # warm-up
         fn()
-        times = []
-        for _ in range(reps):
-            began = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - began)
-        return min(times)
-
-    return {"matmul": best(lambda: torch.addmm(b, x, W.T)), "ranked": best(lambda: rank_preacts(x, W, b, setup.k)),
-            "topk_whole": best(lambda: h.topk(setup.k, dim=-1, sorted=False))}
+    return {name: best_of(reps, fn) for name, fn in measures.items()}
 
 
 def floor_tokens_per_s(setup: Setup, gflops: float) -> float:
@@ -154,10 +142,6 @@ def train_config(setup: Setup, activation: str, fast_path: bool, n_tokens: int, 
     return dataclasses.replace(cfg, fast_path=fast_path, device=setup.device, precision=setup.precision)
 
 
-def training_data(x: torch.Tensor, setup: Setup) -> TrainingData:
-    return TrainingData(TensorBatches(x, setup.batch, 0), setup.d, "bench", float(x.norm(dim=1).mean()))
-
-
 # ---- (b) training speed -------------------------------------------------------------------------------------
 def rss_mb() -> float:
     return _status_mb("VmRSS")
@@ -189,7 +173,7 @@ def time_training(setup: Setup, x: torch.Tensor, activation: str, fast_path: boo
     """Median over rounds of (tokens/s, fraction of the floor), each round between two matmul measurements;
     through the same loss function, optimizer and `train_step` as `fit` (batches already in memory)."""
     cfg = train_config(setup, activation, fast_path, n_tokens=setup.batch * (steps * setup.rounds + 1), **knobs)
-    data = training_data(x, setup)
+    data = TrainingData.from_tensor(x, setup.batch, seed=0, key="bench")
     sae = build_sae(spec_from_config(cfg, setup.d))
     initialize(sae, cfg, data)
     device = torch.device(setup.device)
@@ -240,7 +224,7 @@ def quality(setup: Setup, train_x: torch.Tensor, eval_x: torch.Tensor, fast_path
     """Held-out nmse after `quality_tokens` through `fit` (the `saekit train` loop), and fit's tokens/s."""
     cfg = train_config(setup, "topk", fast_path, n_tokens=setup.quality_tokens)
     with tempfile.TemporaryDirectory() as tmp:
-        result = fit(cfg, training_data(train_x, setup), Path(tmp), torch.device("cpu"), Console(quiet=True))
+        result = fit(cfg, TrainingData.from_tensor(train_x, setup.batch, seed=0, key="bench"), Path(tmp), torch.device("cpu"), Console(quiet=True))
     return {"nmse": heldout_nmse(result.sae, eval_x), "fit_tokens_per_s": result.tokens_per_s}
 
 

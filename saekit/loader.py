@@ -100,7 +100,7 @@ class Prefetcher:
     """
 
     def __init__(self, batches: EpochBatches, start: int, stop: int, depth: int, device: torch.device):
-        self.batches, self.start, self.stop, self.depth, self.device = batches, start, stop, depth, device
+        self.batches, self.start, self.stop, self.device = batches, start, stop, device
         self.cuda = device.type == "cuda"
         self._stopped = threading.Event()
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))

@@ -22,7 +22,6 @@ import torch
 from rich.console import Console
 
 from saekit.config import ActivationConfig, DataConfig, DeadConfig, InitConfig, ModelConfig, OptimizerConfig, TrainConfig
-from saekit.loader import TensorBatches
 from saekit.metrics import ReconstructionStats
 from saekit.sae import SparseAutoencoder
 from saekit.train import TrainingData, fit
@@ -113,8 +112,7 @@ def synthetic_train_config(activation: str, n: int, n_tokens: int, batch_size: i
 def train_on(planted: PlantedDictionary, cfg: TrainConfig, train_x: torch.Tensor,
              run_dir: Optional[Path] = None) -> SparseAutoencoder:
     """Train through the same `fit` as `saekit train`, on in-memory activations."""
-    data = TrainingData(TensorBatches(train_x, cfg.batch_size, cfg.seed), planted.d, f"planted-{planted.seed}",
-                        float(train_x.norm(dim=1).mean()))
+    data = TrainingData.from_tensor(train_x, cfg.batch_size, cfg.seed, key=f"planted-{planted.seed}")
     with tempfile.TemporaryDirectory() as tmp:
         result = fit(cfg, data, Path(run_dir or tmp), torch.device("cpu"), Console(quiet=True))
     return result.sae

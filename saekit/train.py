@@ -23,7 +23,7 @@ from saekit.checkpoint import SAE_FILE, STATE_FILE, load_train_state, read_metad
 from saekit.config import TrainConfig
 from saekit.errors import ConfigError, TrainingDiverged
 from saekit.dead import DeadLatents, default_resample_steps, resample_dead_latents
-from saekit.loader import EpochBatches, Prefetcher, ShuffledBatches
+from saekit.loader import EpochBatches, Prefetcher, ShuffledBatches, TensorBatches
 from saekit.sae import SAESpec, SparseAutoencoder, build_sae
 
 STEP_LOG = "steps.csv"
@@ -47,6 +47,11 @@ class TrainingData:
     """Content key of the activations (a resumed run must see the same ones)."""
     mean_norm: float
     """Mean ||x|| of the raw training activations (for data.normalize=scale)."""
+
+    @classmethod
+    def from_tensor(cls, x: torch.Tensor, batch_size: int, seed: int, key: str) -> "TrainingData":
+        """Activations already in memory (synthetic benchmarks, notebooks); `key` names them for resuming."""
+        return cls(TensorBatches(x, batch_size, seed), x.shape[1], key, float(x.norm(dim=1).mean()))
 
     @classmethod
     def from_cache(cls, cache: ActivationCache, cfg: TrainConfig) -> "TrainingData":

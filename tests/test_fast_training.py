@@ -71,7 +71,7 @@ def _fit(tmp_path: Path, device: str = "cpu", **changes):
     x = planted.sample(8192, seed=1)
     cfg = dataclasses.replace(synthetic_train_config("topk", n=64, n_tokens=30 * 512, batch_size=512, k=4),
                               device=device, **changes)
-    training = TrainingData(TensorBatches(x, cfg.batch_size, cfg.seed), 16, "planted", float(x.norm(dim=1).mean()))
+    training = TrainingData.from_tensor(x, cfg.batch_size, cfg.seed, key="planted")
     tmp_path.mkdir(parents=True, exist_ok=True)
     return fit(cfg, training, tmp_path, torch.device(device), Console(quiet=True))
 

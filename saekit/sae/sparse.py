@@ -142,6 +142,7 @@ def rank_preacts(x_centered: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Ten
     top_values = torch.empty(n_rows, m, device=x_centered.device)
     top_latents = torch.empty(n_rows, m, dtype=torch.long, device=x_centered.device)
     with_aux = dead_latents is not None and dead_latents.numel() > 0 and k_aux > 0
+    aux_values = aux_latents = None
     if with_aux:
         k_aux = min(k_aux, dead_latents.numel())
         aux_values = torch.empty(n_rows, k_aux, device=x_centered.device)
@@ -156,9 +157,7 @@ def rank_preacts(x_centered: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Ten
             values, where = h[:, dead_latents].topk(k_aux, dim=-1, sorted=False)
             aux_values[start:stop] = values
             aux_latents[start:stop] = dead_latents[where]
-    if with_aux:
-        return Ranked(top_values, top_latents, aux_values, aux_latents)
-    return Ranked(top_values, top_latents)
+    return Ranked(top_values, top_latents, aux_values, aux_latents)
 
 
 @torch.no_grad()
