@@ -22,7 +22,7 @@ from saekit.latents import DENSITY_PLOT, LATENT_TABLE, latent_table, plot_densit
 from saekit.model import LoadedModel, load_model, resolve_device
 from saekit.report import print_summary, tidy_table, write_table
 from saekit.sae import sae_class
-from saekit.train import TrainingData, fit
+from saekit.train import TrainingData, check_precision, fit
 
 console = Console()
 
@@ -66,6 +66,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     """Cache → fit → evaluate on held-out tokens → results.csv/.parquet in the run folder."""
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
+    check_precision(cfg.precision, device)
     models = ModelPool(device)
     cache = activation_cache(cfg, cfg.n_tokens, models)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))

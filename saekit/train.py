@@ -193,11 +193,16 @@ def make_optimizer(sae: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Opti
 LossFunction = Callable[[torch.Tensor, Optional[torch.Tensor]], dict]
 
 
+def check_precision(precision: str, device: torch.device) -> None:
+    """tf32 and bf16 are CUDA settings: a one-line error elsewhere, before anything is built or written."""
+    if precision != "fp32" and device.type != "cuda":
+        raise ConfigError(f"precision={precision} needs a CUDA device (training runs on {device.type}); "
+                          f"use precision=fp32")
+
+
 def loss_function(sae: SparseAutoencoder, cfg: TrainConfig, device: torch.device) -> LossFunction:
     """`sae.loss_terms` in the configured precision, compiled if asked; the sparse path unless fast_path=false."""
-    if cfg.precision != "fp32" and device.type != "cuda":
-        raise ConfigError(f"precision={cfg.precision} needs a CUDA device (training runs on {device.type}); "
-                          f"use precision=fp32")
+    check_precision(cfg.precision, device)
     sae.sparse_training = cfg.fast_path
     terms = torch.compile(sae.loss_terms) if cfg.compile else sae.loss_terms
     if cfg.precision != "bf16":

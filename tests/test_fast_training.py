@@ -89,6 +89,13 @@ def test_bf16_and_tf32_need_cuda(tmp_path):
     result = run_cli("train", "precision=fp16", f"hydra.run.dir={tmp_path / 'bad'}")
     assert result.returncode != 0 and "precision='fp16' is not valid; use one of: fp32, tf32, bf16" in result.stderr
     assert not (tmp_path / "bad").exists()
+    # from the CLI: refused before any cache or run folder is made
+    result = run_cli("train", "precision=bf16", "device=cpu", f"cache.dir={tmp_path / 'cache'}",
+                     f"hydra.run.dir={tmp_path / 'cpu'}")
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and errors == ["saekit: error: precision=bf16 needs a CUDA device (training "
+                                                 "runs on cpu); use precision=fp32"], result.stderr
+    assert not (tmp_path / "cpu").exists() and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.gpu
