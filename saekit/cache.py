@@ -5,6 +5,10 @@ tokens_eval.safetensors}`. The key hashes the model's identity, the hook, the da
 settings, so the same model/hook/data reuses a cache and any change builds a new one. A cache is built in a
 temporary folder and renamed into place only after its manifest (with every file's size and sha256) is
 written, so an interrupted build is never used. A file lock keeps parallel jobs from building one key twice.
+Several hooks of one model are cached from one forward pass (`ensure_caches`), each into its own folder.
+
+A cache is hashed once, when it is built: opening it checks the manifest and file sizes only (cheap at any
+size); `saekit cache verify <folder>` or `cache.verify=full` re-hashes every file.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import shutil
 import struct
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -30,25 +34,31 @@ from safetensors.torch import save_file
 from saekit import __version__
 from saekit.config import SiteConfig
 from saekit.data import data_fingerprint, load_windows
-from saekit.fileutil import sha256_file
+from saekit.fileutil import HashMemo, sha256_file
 from saekit.errors import DataError
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
+HASH_MEMO = ".file_hashes.json"
+"""In the cache root: sha256 of model and text files by stat signature, so unchanged inputs are not re-hashed."""
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # numpy has no bfloat16: those shards are mapped as uint16 and viewed as bfloat16 by torch.
 _NUMPY_STORAGE = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32, "I64": np.int64}
 
 
-def cache_key(model_identity: dict, model_dtype: str, hook: str, fingerprint: dict, dtype: str, exclude_bos: bool) -> str:
+SPLITS = ("train", "eval")
+
+
+def cache_key(model_identity: dict, model_dtype: str, hook: str, fingerprint: dict, dtype: str, exclude_bos: bool,
+              splits: tuple[str, ...] = SPLITS) -> str:
     """Content address of a cache: sha256 over everything that decides its contents."""
     spec = {"format": CACHE_FORMAT, "model": model_identity, "model_dtype": model_dtype, "hook": hook,
             "data": fingerprint, "dtype": dtype, "exclude_bos": exclude_bos}
+    if tuple(splits) != SPLITS:  # a cache of the held-out split only (streamed training); full caches keep their keys
+        spec["splits"] = list(splits)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
-
-
 
 
 def excludes_bos(data) -> bool:
@@ -108,27 +118,57 @@ class ActivationCache:
                 yield self.to_torch(shard[start:start + batch_size])
 
 
-def open_cache(root: Path, verify: bool) -> ActivationCache:
-    """Open a finished cache folder, checking every file against the manifest."""
-    manifest_path = root / MANIFEST
+def read_manifest(root: Path) -> dict:
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"cache {root}: manifest.json is missing or unreadable; delete the folder and run `saekit cache` again") from exc
+        manifest = json.loads((root / MANIFEST).read_text())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+            raise ValueError("no file list")
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cache {root}: manifest.json is missing or unreadable; delete the folder and run `saekit cache` "
+                        f"again") from exc
+    return manifest
+
+
+def _file_problem(root: Path, entry: dict, rehash: bool, advance: Optional[Callable[[int], None]] = None) -> Optional[str]:
+    """What is wrong with one manifest entry's file, or None."""
+    path = root / entry["file"]
+    if not path.is_file():
+        return "is missing"
+    if path.stat().st_size != entry["bytes"]:
+        return f"has {path.stat().st_size} bytes, manifest says {entry['bytes']}"
+    if rehash:
+        digest = sha256_file(path, advance)
+        if digest != entry["sha256"]:
+            return "has a different sha256 than the manifest"
+    return None
+
+
+def first_problem(root: Path, rehash: bool, advance: Optional[Callable[[int], None]] = None) -> Optional[str]:
+    """The first file of the cache at `root` that does not match its manifest, as a phrase; None when all match.
+
+    Without `rehash` only presence and sizes are checked (a cache is hashed once, when built); with it every
+    file is read again and its sha256 compared, `advance(bytes)` reporting progress.
+    """
+    manifest = read_manifest(root)
     for entry in manifest["files"]:
-        path = root / entry["file"]
-        problem = None
-        if not path.is_file():
-            problem = "is missing"
-        elif path.stat().st_size != entry["bytes"]:
-            problem = f"has {path.stat().st_size} bytes, manifest says {entry['bytes']}"
-        elif verify and sha256_file(path) != entry["sha256"]:
-            problem = "has a different sha256 than the manifest"
+        problem = _file_problem(root, entry, rehash, advance)
         if problem:
-            raise DataError(
-                f"cache {root}: {entry['file']} {problem}; delete the folder and run `saekit cache` again (or train, which rebuilds it)"
-            )
-    return ActivationCache(root=root, manifest=manifest)
+            return f"{entry['file']} {problem}"
+    return None
+
+
+def cache_bytes(manifest: dict) -> int:
+    return sum(int(entry["bytes"]) for entry in manifest["files"])
+
+
+def open_cache(root: Path, verify="size", advance: Optional[Callable[[int], None]] = None) -> ActivationCache:
+    """Open a finished cache folder, checking the manifest and every file's size (`verify="full"`: and sha256)."""
+    rehash = verify in (True, "full")
+    problem = first_problem(root, rehash, advance)
+    if problem:
+        raise DataError(f"cache {root}: {problem}; delete the folder and run `saekit cache` again (or train, which "
+                        f"rebuilds it)")
+    return ActivationCache(root=root, manifest=read_manifest(root))
 
 
 @contextmanager
@@ -206,26 +246,33 @@ def _write_tensor_file(path: Path, name: str, tensor: torch.Tensor) -> dict:
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def _report_size(console_print: Callable[[str], None], root: Path, n_rows: int, d: int, dtype: str) -> None:
-    """Say how large the cache will be before writing it, and refuse when the disk cannot hold it."""
-    bytes_needed = n_rows * d * torch.tensor([], dtype=_TORCH_DTYPES[dtype]).element_size()
-    free = shutil.disk_usage(root.parent if root.parent.exists() else Path(".")).free
-    console_print(f"building activation cache: {n_rows:,} vectors x d={d} ({dtype}) = {bytes_needed / 2**20:,.1f} MiB at {root}")
-    if bytes_needed > free:
+def _check_space(console_print: Callable[[str], None], finals: dict[str, Path], rows: int, widths: dict[str, int],
+                 dtype: str, token_bytes: int) -> None:
+    """Say how large the caches will be before writing them, and refuse when the disk cannot hold them."""
+    element = torch.tensor([], dtype=_TORCH_DTYPES[dtype]).element_size()
+    needed = sum(rows * width * element + token_bytes for width in widths.values())
+    some_final = next(iter(finals.values()))
+    free = shutil.disk_usage(some_final.parent if some_final.parent.exists() else Path(".")).free
+    for hook, final in finals.items():
+        console_print(f"building activation cache: {rows:,} vectors x d={widths[hook]} ({dtype}) = "
+                      f"{rows * widths[hook] * element / 2**20:,.1f} MiB for {hook} at {final}")
+    if needed > free:
         raise DataError(
-            f"cache.dir={root.parent}: the cache needs {bytes_needed / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB are free; "
-            f"free space, point cache.dir elsewhere or lower data.n_train_tokens"
+            f"cache.dir={some_final.parent}: the cache needs {needed / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB are "
+            f"free; free space, point cache.dir elsewhere or lower data.n_train_tokens"
         )
 
 
-def _write_split(model, windows: torch.Tensor, hook: str, exclude_bos: bool, writer: _ShardWriter,
+def _write_split(model, windows: torch.Tensor, writers: dict[str, _ShardWriter], exclude_bos: bool,
                  batch_windows: int, progress: Optional[Callable[[int], None]]) -> None:
+    """One forward pass per batch of windows, up to the deepest hook; each hook's rows go to its writer."""
+    hooks = list(writers)
     for start in range(0, windows.shape[0], batch_windows):
         batch = windows[start:start + batch_windows].to(model.device)
-        acts = model.run_to_hook(batch, hook)
-        if exclude_bos:
-            acts = acts[:, 1:]
-        writer.add(acts.reshape(-1, acts.shape[-1]))
+        for hook, acts in model.run_to_hooks(batch, hooks).items():
+            if exclude_bos:
+                acts = acts[:, 1:]
+            writers[hook].add(acts.reshape(-1, acts.shape[-1]))
         if progress:
             progress(batch.numel())
 
@@ -243,61 +290,97 @@ def write_cache(cfg: SiteConfig, model, windows, final: Path, n_tokens: int,
                 console_print: Callable[[str], None] = print,
                 progress_factory: Optional[Callable] = None) -> dict:
     """The cache of `windows` (train and eval token windows) at `final`; returns its manifest."""
-    hook = cfg.hook_name
-    d = model.hook_width(hook)
-    per_window = cfg.data.ctx_len - (1 if excludes_bos(cfg.data) else 0)
-    n_rows = {split: int(w.shape[0]) * per_window for split, w in (("train", windows.train), ("eval", windows.eval))}
-    _report_size(console_print, final, n_rows["train"] + n_rows["eval"], d, cfg.cache.dtype)
+    return write_caches(cfg, model, windows, {cfg.hook_name: final}, n_tokens, console_print, progress_factory)[cfg.hook_name]
 
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+
+def write_caches(cfg: SiteConfig, model, windows, finals: dict[str, Path], n_tokens: int,
+                 console_print: Callable[[str], None] = print, progress_factory: Optional[Callable] = None,
+                 splits: tuple[str, ...] = SPLITS, fingerprint: Optional[dict] = None) -> dict[str, dict]:
+    """One cache per hook in `finals` ({hook: folder}) from a single pass of the model over `windows`.
+
+    Each folder holds exactly what a single-hook build of that hook writes (same shards, same bytes; only the
+    manifest's timing fields differ). Every cache is built in a temporary folder and renamed into place after its
+    manifest is written; a failed build removes its temporary folders. Returns {hook: manifest}.
+    """
+    fingerprint = fingerprint if fingerprint is not None else data_fingerprint(cfg.data, n_tokens)
+    widths = {hook: model.hook_width(hook) for hook in finals}
+    per_window = cfg.data.ctx_len - (1 if excludes_bos(cfg.data) else 0)
+    split_windows = {split: getattr(windows, split) for split in splits}
+    rows = sum(int(w.shape[0]) * per_window for w in split_windows.values())
+    token_bytes = sum(w.numel() * 4 for w in split_windows.values())
+    _check_space(console_print, finals, rows, widths, cfg.cache.dtype, token_bytes)
+    tmps = {hook: final.parent / f".{final.name}.tmp-{os.getpid()}" for hook, final in finals.items()}
+    try:
+        for tmp in tmps.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        started = time.perf_counter()
+        files, split_facts = _write_splits(cfg, model, split_windows, tmps, widths, progress_factory)
+        elapsed = time.perf_counter() - started
+        total_tokens = sum(w.numel() for w in split_windows.values())
+        manifests = {}
+        for hook, final in finals.items():
+            manifests[hook] = {
+                "format": CACHE_FORMAT,
+                "saekit_version": __version__,
+                "key": final.name,
+                "model": model.identity,
+                "model_name": model.name,
+                "hook": hook,
+                "d": widths[hook],
+                "dtype": cfg.cache.dtype,
+                "normalization": "none (raw activations; saekit normalizes at training time and stores the scale in the "
+                                 "checkpoint)",
+                "ctx_len": cfg.data.ctx_len,
+                "prepend_bos": cfg.data.prepend_bos,
+                "exclude_bos": excludes_bos(cfg.data),
+                "data": fingerprint,
+                "data_name": cfg.data.name,
+                "splits": split_facts[hook],
+                "files": sorted(files[hook], key=lambda entry: entry["file"]),
+                "build_seconds": round(elapsed, 3),
+                "build_tokens_per_s": round(total_tokens / max(elapsed, 1e-9), 1),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            # The manifest is written last and the folder renamed into place: a half-written cache has neither.
+            (tmps[hook] / MANIFEST).write_text(json.dumps(manifests[hook], indent=2))
+            os.replace(tmps[hook], final)
+        return manifests
+    except BaseException:
+        for tmp in tmps.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_splits(cfg: SiteConfig, model, split_windows: dict[str, torch.Tensor], tmps: dict[str, Path],
+                  widths: dict[str, int], progress_factory: Optional[Callable]) -> tuple[dict, dict]:
+    """Token files and activation shards of every split for every hook; returns ({hook: files}, {hook: splits})."""
     dtype = _TORCH_DTYPES[cfg.cache.dtype]
-    shard_rows = max(1, cfg.cache.shard_mb * 2**20 // (d * torch.tensor([], dtype=dtype).element_size()))
-    splits, files = {}, []
-    total_tokens = windows.train.numel() + windows.eval.numel()
-    started = time.perf_counter()
+    element = torch.tensor([], dtype=dtype).element_size()
+    files: dict[str, list] = {hook: [] for hook in tmps}
+    facts: dict[str, dict] = {hook: {} for hook in tmps}
+    total_tokens = sum(w.numel() for w in split_windows.values())
     with (progress_factory(total_tokens) if progress_factory else _null_progress()) as advance:
-        for split, split_windows in (("train", windows.train), ("eval", windows.eval)):
-            files.append(_write_tensor_file(tmp / f"tokens_{split}.safetensors", "tokens",
-                                            split_windows.to(torch.int32).contiguous()))
-            writer = _ShardWriter(tmp, split, shard_rows, dtype)
+        for split, windows in split_windows.items():
+            writers = {}
+            for hook, tmp in tmps.items():
+                files[hook].append(_write_tensor_file(tmp / f"tokens_{split}.safetensors", "tokens",
+                                                      windows.to(torch.int32).contiguous()))
+                shard_rows = max(1, cfg.cache.shard_mb * 2**20 // (widths[hook] * element))
+                writers[hook] = _ShardWriter(tmp, split, shard_rows, dtype)
             try:
-                _write_split(model, split_windows, hook, excludes_bos(cfg.data), writer, cfg.cache.batch_windows, advance)
+                _write_split(model, windows, writers, excludes_bos(cfg.data), cfg.cache.batch_windows, advance)
             except BaseException:
-                writer.abort()
+                for writer in writers.values():
+                    writer.abort()
                 raise
-            writer.close()
-            files.extend(writer.files)
-            splits[split] = {"n_acts": writer.n_rows, "n_tokens": int(split_windows.numel()),
-                             "n_windows": int(split_windows.shape[0]), "shards": writer.shards,
-                             "mean_norm": writer.sum_norm / max(writer.n_rows, 1)}
-    elapsed = time.perf_counter() - started
-    manifest = {
-        "format": CACHE_FORMAT,
-        "saekit_version": __version__,
-        "key": final.name,
-        "model": model.identity,
-        "model_name": model.name,
-        "hook": hook,
-        "d": d,
-        "dtype": cfg.cache.dtype,
-        "normalization": "none (raw activations; saekit normalizes at training time and stores the scale in the checkpoint)",
-        "ctx_len": cfg.data.ctx_len,
-        "prepend_bos": cfg.data.prepend_bos,
-        "exclude_bos": excludes_bos(cfg.data),
-        "data": data_fingerprint(cfg.data, n_tokens),
-        "data_name": cfg.data.name,
-        "splits": splits,
-        "files": sorted(files, key=lambda entry: entry["file"]),
-        "build_seconds": round(elapsed, 3),
-        "build_tokens_per_s": round(total_tokens / max(elapsed, 1e-9), 1),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    # The manifest is written last and the folder renamed into place: a half-written cache has neither.
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, final)
-    return manifest
+            for hook, writer in writers.items():
+                writer.close()
+                files[hook].extend(writer.files)
+                facts[hook][split] = {"n_acts": writer.n_rows, "n_tokens": int(windows.numel()),
+                                      "n_windows": int(windows.shape[0]), "shards": writer.shards,
+                                      "mean_norm": writer.sum_norm / max(writer.n_rows, 1)}
+    return files, facts
 
 
 @contextmanager
@@ -305,24 +388,62 @@ def _null_progress():
     yield None
 
 
-def ensure_cache(cfg: SiteConfig, n_tokens: int, load_model_fn: Callable[[], object],
-                 console_print: Callable[[str], None] = print,
-                 progress_factory: Optional[Callable] = None) -> ActivationCache:
-    """Reuse the cache for (model, hook, data) if one is complete, else build it (holding a lock)."""
+def cache_keys(cfg: SiteConfig, n_tokens: int, splits: tuple[str, ...] = SPLITS,
+               memo: Optional[HashMemo] = None) -> dict[str, str]:
+    """{hook: cache key} for every hook of cfg (what a disk cache of that hook is, or would be, named)."""
     from saekit.model import model_identity
 
-    identity = model_identity(cfg.model)
-    key = cache_key(identity, cfg.model.dtype, cfg.hook_name, data_fingerprint(cfg.data, n_tokens), cfg.cache.dtype,
-                    excludes_bos(cfg.data))
+    memo = memo if memo is not None else HashMemo(Path(cfg.cache.dir).expanduser() / HASH_MEMO)
+    identity = model_identity(cfg.model, memo)
+    fingerprint = data_fingerprint(cfg.data, n_tokens, memo)
+    return {hook: cache_key(identity, cfg.model.dtype, hook, fingerprint, cfg.cache.dtype, excludes_bos(cfg.data), splits)
+            for hook in cfg.hook_names}
+
+
+def ensure_cache(cfg: SiteConfig, n_tokens: int, load_model_fn: Callable[[], object],
+                 console_print: Callable[[str], None] = print,
+                 progress_factory: Optional[Callable] = None, splits: tuple[str, ...] = SPLITS) -> ActivationCache:
+    """Reuse the cache for (model, hook, data) if one is complete, else build it (holding a lock)."""
+    return ensure_caches(cfg, n_tokens, load_model_fn, console_print, progress_factory, splits)[0]
+
+
+def ensure_caches(cfg: SiteConfig, n_tokens: int, load_model_fn: Callable[[], object],
+                  console_print: Callable[[str], None] = print, progress_factory: Optional[Callable] = None,
+                  splits: tuple[str, ...] = SPLITS) -> list[ActivationCache]:
+    """One cache per hook of `cfg` (in `cfg.hook_names` order): complete ones are reused, the missing ones are
+    built together from one pass of the model. Each cache's lock is held meanwhile, so parallel jobs wait.
+
+    `splits=("eval",)` asks only for the held-out split: a full cache of the same data is used when one exists.
+    """
     root = Path(cfg.cache.dir).expanduser()
-    final = root / key
-    with _locked(root / f".{key}.lock"):
-        if (final / MANIFEST).is_file():
-            console_print(f"reusing activation cache {final}")
-            return open_cache(final, cfg.cache.verify)
-        for stale in root.glob(f".{key}.tmp-*"):  # left by a killed build; we hold the lock, so nobody owns it
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():  # a folder without a manifest is never a usable cache
-            shutil.rmtree(final)
-        build_cache(cfg, load_model_fn(), final, n_tokens, console_print, progress_factory)
-    return open_cache(final, verify=False)
+    memo = HashMemo(root / HASH_MEMO)
+    fingerprint = data_fingerprint(cfg.data, n_tokens, memo)
+    hooks = cfg.hook_names
+    keys, full_keys = cache_keys(cfg, n_tokens, splits, memo), cache_keys(cfg, n_tokens, SPLITS, memo)
+    finals = {hook: root / keys[hook] for hook in hooks}
+    ready: dict[str, ActivationCache] = {}
+    with ExitStack() as locks:
+        for key in sorted({final.name for final in finals.values()}):  # one order everywhere: no deadlock
+            locks.enter_context(_locked(root / f".{key}.lock"))
+        missing = {}
+        for hook, final in finals.items():
+            candidates = [final] + ([root / full_keys[hook]] if tuple(splits) != SPLITS else [])
+            found = next((c for c in candidates if (c / MANIFEST).is_file()), None)
+            if found is not None:
+                console_print(f"reusing activation cache {found}")
+                ready[hook] = open_cache(found, cfg.cache.verify)
+                continue
+            for stale in root.glob(f".{final.name}.tmp-*"):  # left by a killed build; we hold the lock
+                shutil.rmtree(stale, ignore_errors=True)
+            if final.exists():  # a folder without a manifest is never a usable cache
+                shutil.rmtree(final)
+            missing[hook] = final
+        if missing:
+            model = load_model_fn()
+            for hook in missing:
+                model.check_hook(hook)
+            windows = load_windows(cfg.data, model.tokenizer, model.bos_token_id, n_tokens)
+            write_caches(cfg, model, windows, missing, n_tokens, console_print, progress_factory, splits, fingerprint)
+            for hook, final in missing.items():
+                ready[hook] = open_cache(final, "size")
+    return [ready[hook] for hook in hooks]

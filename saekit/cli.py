@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 COMMANDS = {
     "train": ("train", "train an SAE (builds the activation cache on demand), evaluate it, write results.csv"),
     "eval": ("eval", "recompute the metrics of a trained SAE: saekit eval ckpt=<run folder | sae.safetensors>"),
-    "cache": ("cache", "build or reuse the activation cache for a model, hook and dataset"),
+    "cache": ("cache", "build or reuse the activation caches (layer=[0,1,...]: one model pass); cache verify <folder> re-hashes one"),
     "sweep": ("train", "a Hydra multirun of `train`, e.g. saekit sweep k=8,16,32"),
     "hooks": ("cache", "list the hook points of a model: saekit hooks model=stories260k"),
     "report": ("", "Pareto plots, progressive-code curves, a power-law fit and report.md: saekit report <sweep folder>"),
@@ -258,6 +258,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         _fail(f"unknown command {command!r}; use one of: {', '.join(COMMANDS)}")
     if command == "report":
         return _report(rest)
+    if command == "cache" and rest[:1] == ["verify"]:
+        return _verify_cache(rest[1:])
     if command == "sweep" and any(arg.startswith("sweep=") for arg in rest):
         return _preset_sweep(rest)
     config_name = COMMANDS[command][0]
@@ -357,6 +359,22 @@ def _report(args: list[str]) -> None:
     except SaekitError as exc:
         _fail(str(exc))
     print(f"report: {path} (plots beside it)")
+
+
+def _verify_cache(args: list[str]) -> None:
+    """`saekit cache verify <cache folder>`: exit 0 when every file matches its manifest, 2 naming the first that does not."""
+    from saekit.errors import SaekitError
+    from saekit.tasks import verify_cache
+
+    if len(args) != 1 or args[0].startswith("-") or "=" in args[0]:
+        _fail("cache verify takes one cache folder: saekit cache verify <cache.dir>/<key>")
+    folder = Path(args[0].strip("'\"")).expanduser()
+    if not folder.is_dir():
+        _fail(f"cache verify: {folder} is not a folder; pass one cache folder (<cache.dir>/<key>)")
+    try:
+        verify_cache(folder)
+    except SaekitError as exc:
+        _fail(str(exc))
 
 
 def _run_plain(task: Callable[[Any, Path], None], cfg) -> None:

@@ -22,6 +22,9 @@ NORMALIZATIONS = ("none", "scale", "layer_norm")
 DEAD_REMEDIES = ("auxk", "resample", "none")
 PRECISIONS = ("fp32", "tf32", "bf16")
 PENALTIES = ("l1", "sqrt_l1")
+CACHE_VERIFY = ("size", "full")
+CACHE_MODES = ("disk", "stream")
+SHUFFLES = ("auto", "global", "block")
 
 
 @dataclass
@@ -245,15 +248,44 @@ class CacheConfig:
     """Storage dtype of cached activations."""
     shard_mb: int = 256
     """Target size of one shard file."""
-    verify: bool = True
-    """Check every shard's sha256 against the manifest when the cache is opened."""
+    verify: str = "size"
+    """On open: `size` checks the manifest and every file's size (cheap); `full` re-hashes every file (sha256)."""
     batch_windows: int = 64
     """Token windows per model forward pass while building."""
+    mode: str = "disk"
+    """`disk`: activations cached on disk once and reused; `stream`: produced on the fly while the SAE trains."""
 
     def __post_init__(self) -> None:
+        # true/false were the old spelling of full/size.
+        self.verify = {"True": "full", "true": "full", "False": "size", "false": "size"}.get(str(self.verify), self.verify)
+        check_choice("cache.verify", self.verify, CACHE_VERIFY)
+        check_choice("cache.mode", self.mode, CACHE_MODES)
         check_choice("cache.dtype", self.dtype, DTYPES)
         require(self.shard_mb > 0, f"cache.shard_mb={self.shard_mb} must be positive")
         require(self.batch_windows > 0, f"cache.batch_windows={self.batch_windows} must be positive")
+
+
+@dataclass
+class LoaderConfig:
+    """How training batches are drawn from the cache (or from the stream's buffer)."""
+
+    shuffle: str = "auto"
+    """`global`: each batch gathers random rows (fast while the cache sits in RAM); `block`: contiguous blocks
+    read in a shuffled order, rows shuffled inside a RAM buffer (caches bigger than RAM); `auto` picks."""
+    buffer_tokens: Optional[int] = None
+    """Rows held in the shuffling buffer (block shuffle, streaming); None: sized from free memory."""
+    block_kib: int = 1024
+    """Size of one contiguous block read from a shard (block shuffle)."""
+
+    def __post_init__(self) -> None:
+        check_choice("loader.shuffle", self.shuffle, SHUFFLES)
+        require(self.buffer_tokens is None or self.buffer_tokens > 0,
+                f"loader.buffer_tokens={self.buffer_tokens} must be positive (or null to size it from free memory)")
+        require(self.block_kib >= 1024, f"loader.block_kib={self.block_kib} must be at least 1024 (1 MiB blocks)")
+
+
+def _as_list(value: Any) -> Optional[list]:
+    return list(value) if isinstance(value, (list, tuple)) else None
 
 
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
@@ -272,21 +304,64 @@ class SiteConfig:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     cache: CacheConfig = field(default_factory=CacheConfig)
-    layer: int = 2
-    """Block whose residual stream is read (`blocks.{layer}.hook_resid_post`)."""
-    hook: Optional[str] = None
-    """Any transformer-lens hook name; overrides `layer` when set."""
+    layer: Any = 2
+    """Block whose residual stream is read (`blocks.{layer}.hook_resid_post`); a list (`layer=[0,1,2]`) reads
+    several hooks from one model pass."""
+    hook: Any = None
+    """Any transformer-lens hook name, or a list of them; overrides `layer` when set."""
     device: str = "auto"
     """`auto` (CUDA when present), `cpu` or `cuda`."""
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_choice("device", self.device, DEVICES)
-        require(self.layer >= 0, f"layer={self.layer} must be >= 0")
+        layers = _as_list(self.layer)
+        if layers is not None:
+            self.layer = layers
+        for layer in layers if layers is not None else [self.layer]:
+            require(isinstance(layer, int) and not isinstance(layer, bool),
+                    f"layer={self.layer} must be an integer or a list of integers, e.g. layer=2 or layer=[0,1,2]")
+            require(layer >= 0, f"layer={self.layer} must be >= 0")
+        require(layers is None or len(layers) > 0, "layer=[] is empty; give at least one layer, e.g. layer=[0,1]")
+        hooks = _as_list(self.hook)
+        if hooks is not None:
+            self.hook = hooks
+            require(len(hooks) > 0, "hook=[] is empty; give at least one hook name")
+        for hook in hooks if hooks is not None else ([] if self.hook is None else [self.hook]):
+            require(isinstance(hook, str) and bool(hook),
+                    f"hook={self.hook} must be a hook name or a list of them (`saekit hooks` lists them)")
+        names = self.hook_names
+        require(len(set(names)) == len(names), f"hook/layer list {names} names a hook twice; list each once")
+
+    @property
+    def hook_names(self) -> list[str]:
+        """Every hook this config reads: `hook` (one or a list), else `blocks.{layer}.hook_resid_post` per layer."""
+        if self.hook is not None:
+            return list(self.hook) if isinstance(self.hook, list) else [self.hook]
+        layers = self.layer if isinstance(self.layer, list) else [self.layer]
+        return [f"blocks.{layer}.hook_resid_post" for layer in layers]
+
+    @property
+    def multi_hook(self) -> bool:
+        return len(self.hook_names) > 1 or isinstance(self.hook, list) or isinstance(self.layer, list)
 
     @property
     def hook_name(self) -> str:
-        return self.hook or f"blocks.{self.layer}.hook_resid_post"
+        """The one hook of a single-hook config (a list config is split per hook first; see `per_hook`)."""
+        names = self.hook_names
+        if len(names) != 1:
+            raise ValueError(f"{names} holds several hooks; split the config with per_hook() first")
+        return names[0]
+
+    def per_hook(self) -> list["SiteConfig"]:
+        """One single-hook copy of this config per hook it reads (same class, same settings)."""
+        from dataclasses import replace
+
+        if self.hook is None:  # the same config `layer=L` alone would give
+            layers = self.layer if isinstance(self.layer, list) else [self.layer]
+            return [replace(self, layer=layer) for layer in layers]
+        return [replace(self, hook=name, layer=hook_layer(name) if hook_layer(name) is not None else 0)
+                for name in self.hook_names]
 
     @property
     def hook_layer(self) -> Optional[int]:
@@ -302,6 +377,7 @@ class TrainConfig(SiteConfig):
     optimizer: OptimizerConfig = MISSING
     init: InitConfig = field(default_factory=InitConfig)
     final_eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     n: int = 512
     """Number of latents (dictionary size)."""
     k: int = 32

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from saekit.config import DataConfig
-from saekit.fileutil import sha256_file
+from saekit.fileutil import HashMemo, file_sha256
 from saekit.errors import DataError
 
 _TOKENIZE_BATCH_DOCS = 256
@@ -167,20 +167,23 @@ def train_tokens_asked(cfg: DataConfig, n_tokens: int) -> Optional[int]:
     return None if cfg.source == "text_files" else n_tokens
 
 
-def data_fingerprint(cfg: DataConfig, n_tokens: int) -> dict:
-    """Everything that decides the token windows, without tokenizing: file hashes and settings."""
+def data_fingerprint(cfg: DataConfig, n_tokens: int, memo: Optional[HashMemo] = None) -> dict:
+    """Everything that decides the token windows, without tokenizing: file hashes and settings.
+
+    With a `memo`, files whose stat signature is unchanged are not hashed again.
+    """
     if cfg.source == "text_files":
         # Content, not location: the same files elsewhere give the same key.
         source: dict = {
-            "train_files": [sha256_file(_check_file("data.paths", p)) for p in cfg.paths],
-            "eval_files": [sha256_file(_check_file("data.eval_paths", p)) for p in cfg.eval_paths],
+            "train_files": [file_sha256(_check_file("data.paths", p), memo) for p in cfg.paths],
+            "eval_files": [file_sha256(_check_file("data.eval_paths", p), memo) for p in cfg.eval_paths],
         }
     else:
         source = {"hf_path": cfg.hf_path, "hf_config": cfg.hf_config, "hf_data_files": cfg.hf_data_files,
                   "split": cfg.split, "eval_split": cfg.eval_split}
         for data_file in cfg.hf_data_files or []:
             if Path(data_file).is_file():
-                source.setdefault("file_sha256", {})[data_file] = sha256_file(Path(data_file))
+                source.setdefault("file_sha256", {})[data_file] = file_sha256(Path(data_file), memo)
     return {
         "source": source,
         "ctx_len": cfg.ctx_len,

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from saekit.config import ModelConfig, hook_layer
-from saekit.fileutil import sha256_file
+from saekit.fileutil import HashMemo, file_sha256
 from saekit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -75,16 +75,31 @@ class LoadedModel:
     @torch.no_grad()
     def run_to_hook(self, tokens: torch.Tensor, hook: str) -> torch.Tensor:
         """Activations at `hook` for a batch of token windows, running only the blocks up to it."""
+        return self.run_to_hooks(tokens, [hook])[hook]
+
+    @torch.no_grad()
+    def run_to_hooks(self, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
+        """Activations at every hook in `hooks` from one forward pass that stops after the deepest of them."""
         captured: dict[str, torch.Tensor] = {}
 
-        def grab(act: torch.Tensor, hook=None) -> torch.Tensor:
-            captured["act"] = act.detach()
-            return act
+        def grabber(name: str) -> Callable:
+            # Bound by the name asked for: the bridge hands over its canonical HookPoint (an alias may differ).
+            def grab(act: torch.Tensor, hook=None) -> torch.Tensor:
+                captured[name] = act.detach()
+                return act
 
-        layer = hook_layer(hook)
-        stop = layer + 1 if layer is not None and layer + 1 < self.n_layers else None
-        self.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, grab)], stop_at_layer=stop)
-        return captured["act"]
+            return grab
+
+        layers = [hook_layer(name) for name in hooks]
+        # A hook outside the blocks (embeddings are before them, ln_final after) needs the whole pass.
+        deepest = None if any(layer is None for layer in layers) else max(layers)
+        stop = deepest + 1 if deepest is not None and deepest + 1 < self.n_layers else None
+        self.bridge.run_with_hooks(tokens, fwd_hooks=[(name, grabber(name)) for name in hooks], stop_at_layer=stop)
+        missing = [name for name in hooks if name not in captured]
+        if missing:
+            raise ConfigError(f"hook={missing[0]} never ran in {self.name}'s forward pass; pick another hook "
+                              f"(`saekit hooks` lists them)")
+        return {name: captured[name] for name in hooks}
 
     @torch.no_grad()
     def logits_with_hook(self, tokens: torch.Tensor, hook: str, fn: Optional[Callable]) -> torch.Tensor:
@@ -94,33 +109,43 @@ class LoadedModel:
         return self.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, lambda act, hook=None: fn(act))])
 
 
-def _local_identity(folder: Path) -> dict:
+def _local_identity(folder: Path, memo: Optional[HashMemo]) -> dict:
     """Content hash of a local model folder's config and weight files (part of the cache key)."""
     digest = hashlib.sha256()
     for path in sorted(folder.iterdir()):
         if path.suffix in (".json", ".safetensors", ".bin", ".model") and path.is_file():
             digest.update(path.name.encode())
-            digest.update(sha256_file(path).encode())
+            digest.update(file_sha256(path, memo).encode())
     return {"source": "local", "path": str(folder.resolve()), "sha256": digest.hexdigest()}
 
 
 
 
-def model_identity(cfg: ModelConfig) -> dict:
-    """What makes two models the same for caching: local content hash, or hub name plus revision."""
+def model_identity(cfg: ModelConfig, memo: Optional[HashMemo] = None) -> dict:
+    """What makes two models the same for caching: local content hash, or hub name plus revision.
+
+    With a `memo`, weight files whose stat signature is unchanged are not hashed again.
+    """
     folder = Path(cfg.name).expanduser()
     if folder.is_dir():
-        return _local_identity(folder)
+        return _local_identity(folder, memo)
     if looks_local(cfg.name) or folder.exists():
         raise ConfigError(f"model.name={cfg.name}: no model folder there; point it at a HuggingFace model folder or a hub name")
     return {"source": "hub", "name": cfg.name, "revision": cfg.revision or "main"}
 
 
+_PROCESS_HASHES = HashMemo()
+"""Hashes of model files seen by this process (in memory only): a LoadedModel's identity costs one hash per file."""
+
+
 def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     """Boot a TransformerBridge from a local folder or a hub name, with one-line errors when it fails."""
-    identity = model_identity(cfg)
-    target = identity["path"] if identity["source"] == "local" else cfg.name
-    if identity["source"] == "local":
+    folder = Path(cfg.name).expanduser()
+    local = folder.is_dir()
+    if not local:
+        model_identity(cfg)  # the one-line error for a path that is not a model folder
+    target = str(folder.resolve()) if local else cfg.name
+    if local:
         # A local folder must never reach for the Hub (this also keeps tests offline).
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
@@ -143,7 +168,7 @@ def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     return LoadedModel(
         bridge=bridge,
         name=cfg.short_name,
-        identity=identity,
+        identity=model_identity(cfg, _PROCESS_HASHES),
         d_model=int(model_cfg.d_model),
         n_layers=int(model_cfg.n_layers),
         d_vocab=int(model_cfg.d_vocab),

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -13,7 +14,9 @@ import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-from saekit.cache import ActivationCache, ensure_cache, excludes_bos
+from saekit.cache import (SPLITS, ActivationCache, cache_bytes, cache_keys, ensure_caches, excludes_bos, first_problem,
+                          read_manifest)
+from saekit.errors import DataError
 from saekit.checkpoint import load_sae, resolve_checkpoints
 from saekit.config import CacheCommandConfig, CacheConfig, DataConfig, EvalConfig, ModelConfig, SiteConfig, TrainConfig
 from saekit.evaluate import Evaluation, check_compatible, evaluate_checkpoint
@@ -49,10 +52,17 @@ class ModelPool:
         return self.loaded[key]
 
 
-def activation_cache(cfg: SiteConfig, n_tokens: int, models: Optional[ModelPool] = None) -> ActivationCache:
+def activation_cache(cfg: SiteConfig, n_tokens: int, models: Optional[ModelPool] = None,
+                     splits: tuple[str, ...] = SPLITS) -> ActivationCache:
     """The cache for cfg's model, hook and data: reused when it exists, built (model loaded) when not."""
+    return activation_caches(cfg, n_tokens, models, splits)[0]
+
+
+def activation_caches(cfg: SiteConfig, n_tokens: int, models: Optional[ModelPool] = None,
+                      splits: tuple[str, ...] = SPLITS) -> list[ActivationCache]:
+    """One cache per hook of cfg, the missing ones built together from one pass of the model."""
     models = models or ModelPool(resolve_device(cfg.device))
-    return ensure_cache(cfg, n_tokens, lambda: models.get(cfg.model), console.print, _cache_progress)
+    return ensure_caches(cfg, n_tokens, lambda: models.get(cfg.model), console.print, _cache_progress, splits)
 
 
 def run_facts(cfg: TrainConfig, hook: str, tokens: int) -> dict:
@@ -62,31 +72,136 @@ def run_facts(cfg: TrainConfig, hook: str, tokens: int) -> dict:
             "n": cfg.n, "k": cfg.k if topk_family else None, "lam": None if topk_family else cfg.lam, "tokens": tokens}
 
 
-def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
-    """Cache → fit → evaluate on held-out tokens → results.csv/.parquet in the run folder."""
+@dataclass
+class _Job:
+    """One SAE of a `train` command: its single-hook config, training data, held-out cache and run folder."""
+
+    cfg: TrainConfig
+    data: TrainingData
+    eval_cache: ActivationCache
+    run_dir: Path
+    run_id: Optional[str]
+    started: float = 0.0
+
+
+def train(cfg: TrainConfig, run_dir: Path) -> dict:
+    """Cache (or stream) → fit → evaluate on held-out tokens → results.csv/.parquet in the run folder.
+
+    With a list of hooks (`layer=[…]`/`hook=[…]`) one SAE is trained per hook, each in its own run folder
+    `<run_dir>/<hook>/`, with one results table over all of them in `run_dir`.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device)
     models = ModelPool(device)
-    cache = activation_cache(cfg, cfg.n_tokens, models)
+    streamed = cfg.cache.mode == "stream"
+    if streamed:
+        jobs = _streamed_jobs(cfg, run_dir, models)
+    else:
+        caches = activation_caches(cfg, cfg.n_tokens, models)
+        jobs = [_Job(hook_cfg, TrainingData.from_cache(cache, hook_cfg), cache, folder, run_id)
+                for hook_cfg, cache, (folder, run_id) in zip(cfg.per_hook(), caches, _job_folders(cfg, run_dir))]
+    if not cfg.multi_hook:
+        return _train_jobs(jobs, models, device, streamed)[0]
+    _write_config(cfg, run_dir)
+    write_status(run_dir, "running", hooks=cfg.hook_names)
+    with _failed_status_on_error([_Job(cfg, None, None, run_dir, None)]):
+        metrics = _train_jobs(jobs, models, device, streamed)
+    write_table(pd.concat([pd.read_csv(job.run_dir / "results.csv") for job in jobs], ignore_index=True), run_dir)
+    write_status(run_dir, "done", hooks=cfg.hook_names)
+    console.print(f"results over {len(jobs)} hooks: {run_dir / 'results.csv'}", highlight=False)
+    return {job.cfg.hook_name: values for job, values in zip(jobs, metrics)}
+
+
+def _job_folders(cfg: TrainConfig, run_dir: Path) -> list[tuple[Path, Optional[str]]]:
+    """(run folder, run id) per hook: the run folder itself for one hook, `<run_dir>/<hook>` for a list."""
+    if not cfg.multi_hook:
+        return [(run_dir, cfg.run_id)]
+    base = cfg.run_id or run_dir.name
+    return [(run_dir / hook, f"{base}/{hook}") for hook in cfg.hook_names]
+
+
+def _write_config(cfg: TrainConfig, run_dir: Path) -> None:
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
-    write_status(run_dir, "running")
-    started = time.perf_counter()
+
+
+def _streamed_jobs(cfg: TrainConfig, run_dir: Path, models: ModelPool) -> list[_Job]:
+    """cache.mode=stream: activations made while training (one forward pass feeds every hook's SAE); only the
+    held-out split is cached on disk, for evaluation."""
+    from saekit.data import load_windows
+    from saekit.stream import ActivationStream, stream_buffer_tokens
+
+    eval_caches = activation_caches(cfg, cfg.n_tokens, models, splits=("eval",))
+    model = models.get(cfg.model)
+    hooks = cfg.hook_names
+    for hook in hooks:
+        model.check_hook(hook)
+    windows = load_windows(cfg.data, model.tokenizer, model.bos_token_id, cfg.n_tokens)
+    keys = cache_keys(cfg, cfg.n_tokens)
+    buffer_tokens = stream_buffer_tokens(cfg.loader.buffer_tokens, model.d_model, cfg.batch_size, len(hooks))
+    stream = ActivationStream(model, windows.train, hooks, excludes_bos(cfg.data), buffer_tokens, cfg.batch_size,
+                              cfg.seed, cfg.cache.batch_windows)
+    console.print(f"streaming activations of {len(hooks)} hook(s) from {windows.train.shape[0]:,} windows, "
+                  f"shuffled in a buffer of {buffer_tokens:,} tokens; nothing cached but the held-out split")
+    jobs = []
+    for hook_cfg, cache, (folder, run_id) in zip(cfg.per_hook(), eval_caches, _job_folders(cfg, run_dir)):
+        hook = hook_cfg.hook_name
+        batches = stream.batches(hook)
+        data = TrainingData(batches=batches, d=cache.d, key=f"{keys[hook]}/{batches.order_key}",
+                            mean_norm=stream.mean_norm(hook))
+        jobs.append(_Job(hook_cfg, data, cache, folder, run_id))
+    return jobs
+
+
+def _train_jobs(jobs: list[_Job], models: ModelPool, device, lockstep: bool) -> list[dict[str, float]]:
+    """Fit every job, then evaluate it and write its run folder. From disk caches the jobs run one after another;
+    `lockstep` (a shared stream) runs one step of each in turn, so each chunk of activations is made once."""
+    if lockstep and len(jobs) > 1:
+        from saekit.train import fit_lockstep
+
+        for job in jobs:
+            _start_job(job)
+        with _failed_status_on_error(jobs):
+            results = fit_lockstep([(job.cfg, job.data, job.run_dir) for job in jobs], device, console,
+                                   evaluators=[_training_evaluator(job.cfg, job.eval_cache, models) for job in jobs])
+        return [_finish_job(job, result, models) for job, result in zip(jobs, results)]
+    metrics = []
+    for job in jobs:
+        _start_job(job)
+        with _failed_status_on_error([job]):
+            result = fit(job.cfg, job.data, job.run_dir, device, console,
+                         evaluator=_training_evaluator(job.cfg, job.eval_cache, models))
+        metrics.append(_finish_job(job, result, models))
+    return metrics
+
+
+def _start_job(job: _Job) -> None:
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    _write_config(job.cfg, job.run_dir)
+    write_status(job.run_dir, "running")
+    job.started = time.perf_counter()
+
+
+@contextmanager
+def _failed_status_on_error(jobs: list[_Job]) -> Iterator[None]:
     try:
-        result = fit(cfg, TrainingData.from_cache(cache, cfg), run_dir, device, console,
-                     evaluator=_training_evaluator(cfg, cache, models))
+        yield
     except BaseException as exc:  # Ctrl-C too: the status must not stay "running"
-        write_status(run_dir, "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        for job in jobs:
+            write_status(job.run_dir, "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise
+
+
+def _finish_job(job: _Job, result, models: ModelPool) -> dict[str, float]:
+    cfg, cache, run_dir = job.cfg, job.eval_cache, job.run_dir
     evaluation = _final_evaluation(cfg, result.sae, cache, models)
     metrics = {**evaluation.metrics, "dead_frac_train": result.dead_frac_train}
-    run = {"run_id": cfg.run_id or run_dir.name, **run_facts(cfg, cache.manifest["hook"], cfg.n_steps * cfg.batch_size)}
+    run = {"run_id": job.run_id or run_dir.name, **run_facts(cfg, cache.manifest["hook"], cfg.n_steps * cfg.batch_size)}
     write_table(result_frames(run, metrics, evaluation.progressive, cfg.overrides), run_dir)
-    wall = time.perf_counter() - started
     write_status(run_dir, "done", train_tokens_per_s=round(result.tokens_per_s, 1), epochs=round(result.epochs, 3),
-                  wall_s=round(wall, 2))
+                 wall_s=round(time.perf_counter() - job.started, 2))
     console.print(f"trained {result.steps_run} steps at {result.tokens_per_s:,.0f} tokens/s "
-                  f"({result.epochs:.2f} epochs over {cache.n_acts('train'):,} cached vectors)")
+                  f"({result.epochs:.2f} epochs over {job.data.batches.n_rows:,} training vectors)")
     print_summary(console, f"held-out metrics ({cache.n_acts('eval'):,} tokens)", run, metrics)
     console.print(f"results: {run_dir / 'results.csv'}", highlight=False)
     return metrics
@@ -172,7 +287,8 @@ def _evaluate_one(cfg: EvalConfig, ckpt: Path, device, models: ModelPool) -> tup
     # The model and hook it was trained on; the data too unless eval names other data.
     site = SiteConfig(model=trained.model, data=cfg.data if cfg.data is not None else trained.data, cache=cfg.cache,
                       layer=trained.layer, hook=trained.hook, device=cfg.device, seed=trained.seed)
-    cache = activation_cache(site, trained.n_tokens, models)
+    # Evaluation reads only the held-out split: a full cache is used when there is one, else only that split is built.
+    cache = activation_cache(site, trained.n_tokens, models, splits=("eval",))
     check_compatible(sae, cache, str(ckpt))
     model = None
     if cfg.downstream or cfg.ablation_positions > 0 or cfg.progressive_delta_ce:
@@ -188,11 +304,26 @@ def _evaluate_one(cfg: EvalConfig, ckpt: Path, device, models: ModelPool) -> tup
 
 
 def cache(cfg: CacheCommandConfig, run_dir: Path) -> None:
-    """Build (or reuse) the cache and say where it is."""
-    built = activation_cache(cfg, cfg.n_tokens)
-    splits = built.manifest["splits"]
-    console.print(f"cache ready: {built.root}\n  train {splits['train']['n_acts']:,} vectors, "
-                  f"eval {splits['eval']['n_acts']:,} vectors, d={built.d}, {built.manifest['dtype']}")
+    """Build (or reuse) the cache of every hook of cfg (one model pass for the missing ones) and say where."""
+    for built in activation_caches(cfg, cfg.n_tokens):
+        splits = built.manifest["splits"]
+        console.print(f"cache ready: {built.root} ({built.manifest['hook']})\n  train {splits['train']['n_acts']:,} "
+                      f"vectors, eval {splits['eval']['n_acts']:,} vectors, d={built.d}, {built.manifest['dtype']}",
+                      highlight=False)
+
+
+def verify_cache(folder: Path) -> None:
+    """Re-hash every file of a cache folder against its manifest, with a progress bar; DataError names the first
+    file that does not match."""
+    manifest = read_manifest(folder)
+    with Progress(TextColumn("[bold]verify[/bold]"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+                  console=console) as bar:
+        task = bar.add_task("verify", total=cache_bytes(manifest))
+        problem = first_problem(folder, rehash=True, advance=lambda n: bar.advance(task, n))
+    if problem:
+        raise DataError(f"cache {folder}: {problem}; delete the folder and run `saekit cache` again")
+    console.print(f"cache {folder}: all {len(manifest['files'])} files match the manifest "
+                  f"({cache_bytes(manifest) / 2**30:.2f} GiB re-hashed)", highlight=False, soft_wrap=True)
 
 
 def hooks(cfg: CacheCommandConfig, run_dir: Path) -> None:

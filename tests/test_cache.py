@@ -44,7 +44,8 @@ def test_same_model_hook_data_reuses_the_cache(tmp_path, small_text):
     second, loader2 = build(site(tmp_path, small_text))
     assert loader1.calls == 1 and loader2.calls == 0  # the second call never loaded the model
     assert first.root == second.root
-    assert len(list((tmp_path / "cache").iterdir())) == 2  # the cache folder and its lock file
+    entries = {path.name for path in (tmp_path / "cache").iterdir()} - {cache_mod.HASH_MEMO}
+    assert len(entries) == 2  # the cache folder and its lock file (beside the input-hash memo)
 
 
 @pytest.mark.parametrize("change", ["layer", "ctx_len", "text", "dtype"])
@@ -110,14 +111,18 @@ def test_interrupted_build_is_never_used(tmp_path, small_text, monkeypatch):
     assert not list(root.glob(".*.tmp-*"))  # the stale temp folder was cleaned up
 
 
-def test_a_corrupted_shard_is_an_error_naming_the_file(tmp_path, small_text):
+def test_a_corrupted_shard_is_found_by_a_full_verify_naming_the_file(tmp_path, small_text):
     built, _ = build(site(tmp_path, small_text))
     shard = built.root / built.manifest["splits"]["train"]["shards"][0]["file"]
     data = bytearray(shard.read_bytes())
     data[-10] ^= 0xFF
     shard.write_bytes(bytes(data))
+    reopened, _ = build(site(tmp_path, small_text))  # the default open checks sizes only: same size, accepted
+    assert reopened.root == built.root
+    cfg = site(tmp_path, small_text)
+    cfg.cache.verify = "full"
     with pytest.raises(DataError, match=f"{shard.name} has a different sha256"):
-        build(site(tmp_path, small_text))
+        build(cfg)
 
 
 def test_a_truncated_or_missing_shard_is_an_error(tmp_path, small_text):

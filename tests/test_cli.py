@@ -106,10 +106,17 @@ def test_cache_whose_files_do_not_match_the_manifest_is_refused(tmp_path, small_
     built = run_cli("cache", *args, f"hydra.run.dir={tmp_path / 'c'}")
     assert built.returncode == 0, built.stderr[-2000:]
     shard = next((tmp_path / "cache").glob("*/train_00000.safetensors"))
-    shard.write_bytes(shard.read_bytes()[:-8] + b"\x00" * 8)
-    result = run_cli("train", *args, "n_tokens=20000", "batch_size=1024", f"hydra.run.dir={tmp_path / 't'}")
+    original = shard.read_bytes()
+    shard.write_bytes(original[:-8] + b"\x00" * 8)
+    # Opening checks sizes only (a cache is hashed once, when built); cache.verify=full re-hashes on open.
+    result = run_cli("train", *args, "cache.verify=full", "n_tokens=20000", "batch_size=1024",
+                     f"hydra.run.dir={tmp_path / 't'}")
     assert result.returncode == 2
     assert "train_00000.safetensors has a different sha256 than the manifest" in result.stderr
+    shard.write_bytes(original[:-8])
+    truncated = run_cli("train", *args, "n_tokens=20000", "batch_size=1024", f"hydra.run.dir={tmp_path / 't2'}")
+    assert truncated.returncode == 2
+    assert "train_00000.safetensors has" in truncated.stderr and "bytes, manifest says" in truncated.stderr
 
 
 def test_help_and_cfg_job_compose_the_documented_overrides():
