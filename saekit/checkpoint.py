@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
@@ -29,9 +31,12 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
     os.replace(tmp, path)
 
 
+def _metadata(sae: SparseAutoencoder, facts: dict) -> dict[str, str]:
+    return {"saekit": json.dumps({"spec": sae.spec.to_dict(), **facts})}
+
+
 def save_sae(path: Path, sae: SparseAutoencoder, facts: dict) -> None:
-    meta = {"spec": sae.spec.to_dict(), **facts}
-    atomic_save(dict(sae.state_dict()), path, {"saekit": json.dumps(meta)})
+    atomic_save(dict(sae.state_dict()), path, _metadata(sae, facts))
 
 
 def read_metadata(path: Path) -> dict:
@@ -95,9 +100,9 @@ def resolve_checkpoints(ckpt: str) -> list[Path]:
     return [resolve_checkpoint(ckpt)]
 
 
-def save_train_state(path: Path, sae: SparseAutoencoder, optimizer: torch.optim.Optimizer,
-                     counters: dict[str, torch.Tensor], facts: dict) -> None:
-    """SAE weights, Adam state (by parameter name) and counters in one file, so they always agree."""
+def train_state_tensors(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer,
+                        counters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SAE weights (`sae.*`), Adam state by parameter name (`adam.<param>.<key>`) and counters (`counter.*`)."""
     tensors = {f"sae.{name}": t for name, t in sae.state_dict().items()}
     names = {id(p): name for name, p in sae.named_parameters()}
     for group in optimizer.param_groups:
@@ -105,7 +110,43 @@ def save_train_state(path: Path, sae: SparseAutoencoder, optimizer: torch.optim.
             for key, value in optimizer.state.get(param, {}).items():
                 tensors[f"adam.{names[id(param)]}.{key}"] = torch.as_tensor(value)
     tensors.update({f"counter.{name}": t for name, t in counters.items()})
-    atomic_save(tensors, path, {"saekit": json.dumps({"spec": sae.spec.to_dict(), **facts})})
+    return tensors
+
+
+def save_train_state(path: Path, sae: SparseAutoencoder, optimizer: torch.optim.Optimizer,
+                     counters: dict[str, torch.Tensor], facts: dict) -> None:
+    """SAE weights, Adam state (by parameter name) and counters in one file, so they always agree."""
+    atomic_save(train_state_tensors(sae, optimizer, counters), path, _metadata(sae, facts))
+
+
+@dataclass
+class Checkpoint:
+    """A run's two checkpoint files as CPU copies taken at one step, written later (by a background thread while
+    training goes on): the training state, then `sae.safetensors`, each atomically."""
+
+    state_path: Path
+    state: dict[str, torch.Tensor]
+    state_metadata: dict[str, str]
+    sae_path: Path
+    sae_metadata: dict[str, str]
+
+    @classmethod
+    def take(cls, run_dir: Path, sae: SparseAutoencoder, optimizer: torch.optim.Optimizer,
+             counters: dict[str, torch.Tensor], state_facts: dict, sae_facts: dict) -> "Checkpoint":
+        """Copy everything now (on CUDA the copy to the host is the snapshot; on CPU a clone)."""
+        state = {name: _host_copy(t) for name, t in train_state_tensors(sae, optimizer, counters).items()}
+        return cls(run_dir / STATE_FILE, state, _metadata(sae, state_facts), run_dir / SAE_FILE,
+                   _metadata(sae, sae_facts))
+
+    def write(self) -> None:
+        atomic_save(self.state, self.state_path, self.state_metadata)
+        weights = {name[4:]: t for name, t in self.state.items() if name.startswith("sae.")}
+        atomic_save(weights, self.sae_path, self.sae_metadata)
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach()
+    return tensor.clone().contiguous() if tensor.device.type == "cpu" else tensor.contiguous().cpu()
 
 
 def load_train_state(path: Path, sae: SparseAutoencoder, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -114,9 +155,12 @@ def load_train_state(path: Path, sae: SparseAutoencoder, optimizer: torch.optim.
     tensors = _load_tensors(path)
     sae.load_state_dict({name[4:]: t for name, t in tensors.items() if name.startswith("sae.")})
     params = dict(sae.named_parameters())
+    # A fused (or capturable) Adam keeps its step count on the parameter's device; the plain one on the host.
+    step_on_device = bool(optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"))
     for name, param in params.items():
         moments = {key.rsplit(".", 1)[1]: t for key, t in tensors.items() if key.startswith(f"adam.{name}.")}
         if moments:
-            optimizer.state[param] = {key: t.to(param.device) if key != "step" else t for key, t in moments.items()}
+            optimizer.state[param] = {key: t.to(param.device) if key != "step" or step_on_device else t
+                                      for key, t in moments.items()}
     counters = {name[8:]: t for name, t in tensors.items() if name.startswith("counter.")}
     return counters, facts

@@ -5,27 +5,68 @@ AuxK, the other remedy, is a loss term and lives with the SAE geometry (sae/base
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Optional
 
+import numpy as np
 import torch
 
 from saekit.sae import SparseAutoencoder
+from saekit.sae.sparse import DeadSet
 
 
-@dataclass
 class DeadLatents:
-    """Tokens since each latent last fired; dead once that reaches the window."""
+    """Tokens since each latent last fired (on the training device); dead once that reaches the window.
 
-    tokens_since_fired: torch.Tensor
-    window: int
+    A training step updates the counters without reading them back. The host keeps them as of the last
+    `refresh` (a log step, where reading the device is allowed), sorted: counters grow by at most the tokens
+    trained since, so the latents that *can* be dead now are the first few of that order, a count the host knows
+    by itself. AuxK ranks only those (`dead_set`), and nothing at all while no latent is close to the window.
+    """
+
+    def __init__(self, tokens_since_fired: torch.Tensor, window: int, refresh_tokens: Optional[int] = None):
+        self.tokens_since_fired = tokens_since_fired
+        self.window = window
+        self.refresh_tokens = refresh_tokens
+        """Tokens a refresh covers when `dead_set` has to refresh by itself (None: 10 batches)."""
+        self._since_refresh = 0
+        self._covered = -1  # tokens past the last refresh that it covers; -1: refresh before the first use
+        self._order: Optional[torch.Tensor] = None  # latents by counter at the refresh, largest first (device)
+        self._ascending = np.zeros(0, dtype=np.int64)  # the same counters, ascending (host)
 
     def update(self, fired: torch.Tensor, n_tokens: int) -> None:
-        self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[fired.to(self.tokens_since_fired.device)] = 0
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired.to(self.tokens_since_fired.device), 0)
+        self._since_refresh += n_tokens
 
     def revive(self, latents: torch.Tensor) -> None:
-        """Resampled latents start a fresh window."""
+        """Resampled latents start a fresh window (counters only go down: the host's bound stays valid)."""
         self.tokens_since_fired[latents] = 0
+
+    def refresh(self, horizon_tokens: int) -> None:
+        """Read the counters (a host sync); `dead_set` then needs no read for the next `horizon_tokens` tokens."""
+        counters = self.tokens_since_fired.cpu()
+        order = torch.argsort(counters, descending=True, stable=True)
+        self._ascending = counters[order].numpy()[::-1].copy()
+        # Only latents that can reach the window within the horizon are ever ranked: move just those.
+        reachable = self._count_reaching(horizon_tokens)
+        self._order = order[:reachable].to(self.tokens_since_fired.device) if reachable else None
+        self._since_refresh, self._covered = 0, horizon_tokens
+
+    def dead_set(self, n_tokens: int) -> Optional[DeadSet]:
+        """What AuxK ranks in the step about to train `n_tokens` tokens: None when no latent can be dead.
+
+        Without a refresh covering the step it refreshes itself (a sync; `fit` refreshes on its log steps, so
+        its other steps never wait).
+        """
+        if self._since_refresh > self._covered:
+            self.refresh(self.refresh_tokens or 10 * n_tokens)
+        count = self._count_reaching(self._since_refresh)
+        if count == 0:
+            return None
+        return DeadSet(self.mask, self._order[:count])
+
+    def _count_reaching(self, tokens: int) -> int:
+        """Latents whose counter at the refresh plus `tokens` reaches the window (host only)."""
+        return len(self._ascending) - int(np.searchsorted(self._ascending, self.window - tokens, side="left"))
 
     @property
     def mask(self) -> torch.Tensor:

@@ -19,8 +19,12 @@ Splice = Callable[[torch.Tensor], torch.Tensor]  # (N, d) raw activations → (N
 
 
 def log_probs_of(logits: torch.Tensor) -> torch.Tensor:
-    """float64 log-softmax over the vocabulary (..., V), computed once and shared by CE and KL."""
-    return F.log_softmax(logits.double(), dim=-1)
+    """Log-softmax over the vocabulary (..., V) in float32 (float64 stays float64; half precision is raised).
+
+    float32 keeps the (positions, V) copy the size of the logits; the per-position CE and KL it gives are summed
+    in float64 (`DownstreamTotals`).
+    """
+    return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
 def kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -72,6 +76,7 @@ def _variant_hook(splice: Splice, mean_act: torch.Tensor, batch: int, keep_first
         out = act.clone()
         clean = act[:batch, start:]
         flat = clean.reshape(-1, clean.shape[-1])
+        # The model's dtype goes back in (a bfloat16 model rejects float32 activations).
         out[batch:2 * batch, start:] = splice(flat).reshape(clean.shape).to(act.dtype)
         out[2 * batch:3 * batch, start:] = 0.0
         out[3 * batch:, start:] = mean_act.to(act.dtype)
@@ -92,16 +97,27 @@ def downstream_metrics(model, hook: str, windows: torch.Tensor, splice: Splice, 
         batch = tokens.shape[0]
         stacked = tokens.repeat(len(VARIANTS), 1)
         logits = model.bridge.run_with_hooks(stacked, fwd_hooks=[(hook, _variant_hook(splice, mean_act, batch, keep_first))])
-        log_probs = log_probs_of(logits)
-        nll = nll_from_log_probs(log_probs, stacked)[:, first_scored:]
-        for index, name in enumerate(VARIANTS):
-            totals.ce[name] += float(nll[index * batch:(index + 1) * batch].sum())
-        clean, spliced = log_probs[:batch, first_scored:-1], log_probs[batch:2 * batch, first_scored:-1]
-        totals.kl += float(kl_from_log_probs(clean, spliced).sum())
-        totals.positions += nll.shape[1] * batch
+        _score_variants(logits, stacked, batch, first_scored, totals)
+        del logits
         if progress:
             progress(batch * tokens.shape[1])
     return totals.metrics()
+
+
+def _score_variants(logits: torch.Tensor, stacked: torch.Tensor, batch: int, first_scored: int,
+                    totals: DownstreamTotals) -> None:
+    """Add one forward pass's CE per variant and KL(clean ‖ spliced) to `totals`. One quarter's log-softmax is made
+    at a time and only clean's is kept for the KL: at most half the logits' size in float32 copies."""
+    clean = None
+    for index, name in enumerate(VARIANTS):
+        rows = slice(index * batch, (index + 1) * batch)
+        log_probs = log_probs_of(logits[rows])
+        totals.ce[name] += float(nll_from_log_probs(log_probs, stacked[rows])[:, first_scored:].double().sum())
+        if name == "clean":
+            clean = log_probs[:, first_scored:-1]
+        elif name == "spliced":
+            totals.kl += float(kl_from_log_probs(clean, log_probs[:, first_scored:-1]).double().sum())
+    totals.positions += max(stacked.shape[1] - 1 - first_scored, 0) * batch
 
 
 # ---- ablation sparsity --------------------------------------------------------------------------------------
@@ -116,57 +132,77 @@ def ablation_sparsity_score(diff: torch.Tensor) -> float:
     return float((v.abs().sum() / norm) ** 2) if norm > 0 else float("nan")
 
 
+ABLATION_CHUNK = 16
+"""Ablations per forward pass (and per dense decode): memory stays one chunk's, whatever the L0."""
+
+
 @torch.no_grad()
-def latent_contributions(sae, x_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_contributions(sae, x_raw: torch.Tensor, chunk: int = ABLATION_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """For one activation x_raw (d,): the active latents and each one's contribution to x̂ in raw space (A, d).
 
-    Ablating latent i while keeping the reconstruction error means x_raw − contribution_i goes back in.
+    Ablating latent i while keeping the reconstruction error means x_raw − contribution_i goes back in. The
+    ablated codes are decoded `chunk` at a time, so A dense (n,) codes never exist at once.
     """
     x, state = sae.normalize_input(x_raw[None])
     z = sae.encode(x)[0]
     active = z.nonzero().flatten()
     full = sae.denormalize_output(sae.decode(z[None]), state)
-    ablated = z.repeat(active.numel(), 1)
-    ablated[torch.arange(active.numel()), active] = 0.0
-    expanded_state = None if state is None else tuple(s.expand(active.numel(), -1) for s in state)
-    partial = sae.denormalize_output(sae.decode(ablated), expanded_state)
-    return active, full - partial
+    parts = []
+    for latents in active.split(chunk):
+        ablated = z.repeat(latents.numel(), 1)
+        ablated[torch.arange(latents.numel()), latents] = 0.0
+        expanded_state = None if state is None else tuple(s.expand(latents.numel(), -1) for s in state)
+        parts.append(full - sae.denormalize_output(sae.decode(ablated), expanded_state))
+    return active, torch.cat(parts) if parts else full[:0]
+
+
+def _capture(store: dict):
+    def grab(act, hook=None):
+        store["act"] = act.detach().clone()
+        return act
+
+    return grab
+
+
+def _ablation(pos: int, contributions: torch.Tensor):
+    """Hook: row j of the batch gets contribution j removed at position `pos` (in the model's dtype)."""
+
+    def ablate(act, hook=None):
+        out = act.clone()
+        out[:, pos] = out[:, pos] - contributions.to(act.dtype)
+        return out
+
+    return ablate
 
 
 @torch.no_grad()
 def ablation_sparsity(model, hook: str, sae, windows: torch.Tensor, n_positions: int = 32, horizon: int = 16,
-                      seed: int = 0, first_position: int = 1) -> dict[str, float]:
-    """Mean and quantiles of the ablation sparsity over every active latent at `n_positions` sampled positions."""
+                      seed: int = 0, first_position: int = 1, chunk: int = ABLATION_CHUNK) -> dict[str, float]:
+    """Mean and quantiles of the ablation sparsity over every active latent at `n_positions` sampled positions.
+
+    The active latents of a position are ablated `chunk` per forward pass.
+    """
     generator = torch.Generator().manual_seed(seed)
     ctx = windows.shape[1]
     last = max(first_position, ctx - horizon)
+    weights = next(sae.parameters())
     scores: list[float] = []
     for _ in range(n_positions):
         row = int(torch.randint(windows.shape[0], (1,), generator=generator))
         pos = int(torch.randint(first_position, last + 1, (1,), generator=generator))
         tokens = windows[row:row + 1].to(model.device).long()
-        captured = {}
-
-        def grab(act, hook=None):
-            captured["act"] = act.detach().clone()
-            return act
-
-        clean_logits = model.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, grab)])[0]
-        active, contributions = latent_contributions(sae, captured["act"][0, pos])
-        if active.numel() == 0:
-            continue
-
-        def ablate(act, hook=None):
-            out = act.clone()
-            out[:, pos] = out[:, pos] - contributions.to(act.dtype)
-            return out
-
-        logits = model.bridge.run_with_hooks(tokens.repeat(active.numel(), 1), fwd_hooks=[(hook, ablate)])
+        captured: dict = {}
+        clean_logits = model.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, _capture(captured))])[0]
+        x_raw = captured["act"][0, pos].to(weights.device, weights.dtype)  # the SAE takes float32 from any model
+        _, contributions = latent_contributions(sae, x_raw, chunk)
         end = min(pos + horizon, ctx)
-        for diff in logits[:, pos:end] - clean_logits[pos:end]:
-            score = ablation_sparsity_score(diff)
-            if score == score:  # a latent with no effect at all has no direction to score
-                scores.append(score)
+        clean = clean_logits[pos:end].float()
+        for part in contributions.to(model.device).split(chunk):
+            logits = model.bridge.run_with_hooks(tokens.repeat(part.shape[0], 1), fwd_hooks=[(hook, _ablation(pos, part))])
+            for diff in logits[:, pos:end].float() - clean:
+                score = ablation_sparsity_score(diff)
+                if score == score:  # a latent with no effect at all has no direction to score
+                    scores.append(score)
     if not scores:
         return {"ablation_sparsity": float("nan"), "ablation_n": 0.0}
     values = torch.tensor(scores, dtype=torch.float64)

@@ -11,7 +11,7 @@ from saekit.cache import ActivationCache
 from saekit.config import EvalConfig
 from saekit.downstream import ablation_sparsity, downstream_metrics
 from saekit.errors import DataError
-from saekit.metrics import ReconstructionStats
+from saekit.metrics import ReconstructionStats, row_chunks
 from saekit.refine import refinement_metrics
 from saekit.sae import SparseAutoencoder, swap_activation
 
@@ -25,19 +25,29 @@ def check_compatible(sae: SparseAutoencoder, cache: ActivationCache, ckpt_name: 
         )
 
 
+def sae_input(sae, x: torch.Tensor, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Activations as the SAE takes them: its device and dtype (a float16/bfloat16 model or cache gives half)."""
+    weights = next(sae.parameters())
+    return x.to(device=device or weights.device, dtype=weights.dtype)
+
+
 @torch.no_grad()
 def evaluate_reconstruction(sae: SparseAutoencoder, cache: ActivationCache, device: torch.device,
                             batch_size: int = 8192, split: str = "eval") -> tuple[dict[str, float], ReconstructionStats]:
-    """mse, nmse, explained_variance, l0, dead_frac over every vector of `split`, in the model's activation space."""
+    """mse, nmse, explained_variance, l0, dead_frac over every vector of `split`, in the model's activation space.
+
+    Each batch is encoded in row chunks (`LATENT_CHUNK`), so memory does not grow with batch_size × n.
+    """
     if cache.n_acts(split) == 0:
         raise DataError(f"the cache's {split} split is empty; raise data.n_eval_tokens")
     was_training = sae.training
     sae.eval()
-    stats = ReconstructionStats(sae.spec.d, sae.spec.n)
-    for x in cache.iter_split(split, batch_size):
-        x = x.to(device)
-        x_hat, z = sae.reconstruct(x)
-        stats.update(x, x_hat, z)
+    stats = ReconstructionStats(sae.spec.d, sae.spec.n, device)
+    for batch in cache.iter_split(split, batch_size):
+        for x in row_chunks(sae_input(sae, batch, device), sae.spec.n):
+            x_hat, z = sae.reconstruct(x)
+            stats.update(x, x_hat, z)
+            del x_hat, z  # the next chunk's latents replace these, not join them
     sae.train(was_training)
     return stats.metrics(), stats
 
@@ -61,8 +71,16 @@ def eval_windows(cache: ActivationCache, n_tokens: int) -> torch.Tensor:
 
 
 def spliced(sae) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What goes back into the model: the reconstruction in the model's own activation space."""
-    return lambda acts: sae.reconstruct(acts)[0]
+    """What goes back into the model: the reconstruction in the model's own activation space and dtype.
+
+    The SAE gets its own dtype (float32 from a half-precision model) and the positions in row chunks, so a
+    batch of windows never holds dense latents for all its positions at once.
+    """
+    def splice(acts: torch.Tensor) -> torch.Tensor:
+        x = sae_input(sae, acts)
+        return torch.cat([sae.reconstruct(rows)[0] for rows in row_chunks(x, sae.spec.n)]).to(acts.dtype)
+
+    return splice
 
 
 def _progressive_rows(sae: SparseAutoencoder, cache: ActivationCache, cfg: EvalConfig, device: torch.device,
@@ -87,7 +105,7 @@ def evaluate_checkpoint(sae: SparseAutoencoder, cache: ActivationCache, cfg: Eva
     sae.eval()
     metrics, stats = evaluate_reconstruction(sae, cache, device, cfg.batch_size)
     if cfg.refine_tokens > 0:
-        x = torch.cat(list(_first_rows(cache, cfg.refine_tokens))).to(device)
+        x = sae_input(sae, torch.cat(list(_first_rows(cache, cfg.refine_tokens))), device)
         metrics.update(refinement_metrics(sae, x, cfg.refine_steps))
     downstream: Optional[Callable] = None
     if model is not None:

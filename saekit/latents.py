@@ -16,13 +16,16 @@ DENSITY_PLOT = "feature_density.png"
 
 
 def latent_table(stats: ReconstructionStats) -> pd.DataFrame:
-    """latent, fire_count, density (fraction of tokens it fires on), mean_activation (over the tokens it fires on)."""
-    counts = stats.fire_counts
+    """latent, fire_count, density (fraction of tokens it fires on), mean_activation (over the tokens it fires on).
+
+    The statistics were accumulated on the evaluation device; only these n-sized vectors come to the CPU.
+    """
+    counts = stats.fire_counts.detach().cpu().double()
     return pd.DataFrame({
         "latent": torch.arange(counts.numel()).numpy(),
         "fire_count": counts.long().numpy(),
         "density": (counts / max(stats.n_tokens, 1)).numpy(),
-        "mean_activation": (stats.sum_acts / counts.clamp_min(1)).numpy(),
+        "mean_activation": (stats.sum_acts.detach().cpu().double() / counts.clamp_min(1)).numpy(),
     })
 
 

@@ -10,6 +10,14 @@ import torch
 
 CORE_METRICS = ("mse", "nmse", "explained_variance", "l0", "dead_frac")
 
+LATENT_CHUNK = 2 ** 24
+"""Dense latent entries (rows × n) evaluation encodes at a time: 64 MB of float32 latents, whatever the width."""
+
+
+def row_chunks(x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """x split by rows so that each chunk's dense (rows, n) latents hold at most LATENT_CHUNK entries."""
+    return x.split(max(1, LATENT_CHUNK // n))
+
 
 def mse(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """Mean over tokens of ||x − x̂||²."""
@@ -37,44 +45,57 @@ def dead_frac(fire_counts: torch.Tensor) -> float:
 
 
 class ReconstructionStats:
-    """Running float64 sums over evaluation batches; `metrics()` gives the core table rows."""
+    """Running sums over evaluation batches, kept on the latents' device; `metrics()` gives the core table rows.
 
-    def __init__(self, d: int, n: int):
+    Per-token quantities (B × d) are summed in float64; the (B × n) latents are reduced where they are (counts
+    exactly, activation sums in float32 per batch) and only n-sized float64 totals are kept. Nothing of size
+    B × n ever leaves the device.
+    """
+
+    def __init__(self, d: int, n: int, device: torch.device | str = "cpu"):
         self.n_tokens = 0
-        self.sum_sq_err = 0.0
-        self.sum_x = torch.zeros(d, dtype=torch.float64)
-        self.sum_sq_norm = 0.0
-        self.sum_l0 = 0.0
-        self.fire_counts = torch.zeros(n, dtype=torch.float64)
-        self.sum_acts = torch.zeros(n, dtype=torch.float64)
+        self.sum_sq_err = torch.zeros((), dtype=torch.float64, device=device)
+        self.sum_x = torch.zeros(d, dtype=torch.float64, device=device)
+        self.sum_sq_norm = torch.zeros((), dtype=torch.float64, device=device)
+        self.sum_l0 = torch.zeros((), dtype=torch.int64, device=device)
+        self.fire_counts = torch.zeros(n, dtype=torch.float64, device=device)
+        self.sum_acts = torch.zeros(n, dtype=torch.float64, device=device)
+
+    def _follow(self, device: torch.device) -> None:
+        """Move the accumulators to the batches' device (n-sized vectors: cheap, and done once)."""
+        if self.fire_counts.device != device:
+            for name in ("sum_sq_err", "sum_x", "sum_sq_norm", "sum_l0", "fire_counts", "sum_acts"):
+                setattr(self, name, getattr(self, name).to(device))
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor) -> None:
-        x64, z64 = x.double().cpu(), z.double().cpu()
+        self._follow(z.device)
+        x64 = x.to(self.sum_x.device, torch.float64)  # (B, d): small next to z
         self.n_tokens += x.shape[0]
-        self.sum_sq_err += float((x64 - x_hat.double().cpu()).pow(2).sum())
+        self.sum_sq_err += (x64 - x_hat.to(x64.device, torch.float64)).pow(2).sum()
         self.sum_x += x64.sum(dim=0)
-        self.sum_sq_norm += float(x64.pow(2).sum())
-        active = z64 != 0
-        self.sum_l0 += float(active.sum())
-        self.fire_counts += active.sum(dim=0)
-        self.sum_acts += z64.sum(dim=0)
+        self.sum_sq_norm += x64.pow(2).sum()
+        active = z != 0
+        counts = active.sum(dim=0)
+        self.sum_l0 += counts.sum()
+        self.fire_counts += counts
+        self.sum_acts += z.sum(dim=0, dtype=torch.promote_types(z.dtype, torch.float32)).double()
 
     def metrics(self) -> dict[str, float]:
         n = max(self.n_tokens, 1)
         mean = self.sum_x / n
         # Σ||x − μ||² = Σ||x||² − N||μ||² (float64 keeps the cancellation harmless at these sizes).
-        total_var = (self.sum_sq_norm - n * float(mean.pow(2).sum())) / n
-        mse_value = self.sum_sq_err / n
+        total_var = (float(self.sum_sq_norm) - n * float(mean.pow(2).sum())) / n
+        mse_value = float(self.sum_sq_err) / n
         nmse_value = mse_value / total_var if total_var > 0 else float("nan")
         return {
             "mse": mse_value,
             "nmse": nmse_value,
             "explained_variance": 1.0 - nmse_value,
-            "l0": self.sum_l0 / n,
+            "l0": float(self.sum_l0) / n,
             "dead_frac": dead_frac(self.fire_counts),
         }
 
     def latent_density(self) -> torch.Tensor:
-        """Firing rate of each latent on the evaluated tokens, (n,)."""
-        return self.fire_counts / max(self.n_tokens, 1)
+        """Firing rate of each latent on the evaluated tokens, (n,), on the CPU."""
+        return self.fire_counts.cpu() / max(self.n_tokens, 1)

@@ -96,11 +96,18 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     models = ModelPool(device)
     streamed = cfg.cache.mode == "stream"
     if streamed:
-        jobs = _streamed_jobs(cfg, run_dir, models)
-    else:
-        caches = activation_caches(cfg, cfg.n_tokens, models)
-        jobs = [_Job(hook_cfg, TrainingData.from_cache(cache, hook_cfg), cache, folder, run_id)
-                for hook_cfg, cache, (folder, run_id) in zip(cfg.per_hook(), caches, _job_folders(cfg, run_dir))]
+        jobs, stream = _streamed_jobs(cfg, run_dir, models)
+        with stream:  # stops the stream's background fill however training ends
+            return _train_and_tabulate(cfg, run_dir, jobs, models, device, streamed)
+    caches = activation_caches(cfg, cfg.n_tokens, models)
+    jobs = [_Job(hook_cfg, TrainingData.from_cache(cache, hook_cfg), cache, folder, run_id)
+            for hook_cfg, cache, (folder, run_id) in zip(cfg.per_hook(), caches, _job_folders(cfg, run_dir))]
+    return _train_and_tabulate(cfg, run_dir, jobs, models, device, streamed)
+
+
+def _train_and_tabulate(cfg: TrainConfig, run_dir: Path, jobs: list["_Job"], models: ModelPool, device,
+                        streamed: bool) -> dict:
+    """Train the jobs; with several hooks, also the status and one results table over all of them in run_dir."""
     if not cfg.multi_hook:
         return _train_jobs(jobs, models, device, streamed)[0]
     _write_config(cfg, run_dir)
@@ -125,11 +132,11 @@ def _write_config(cfg: TrainConfig, run_dir: Path) -> None:
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
 
 
-def _streamed_jobs(cfg: TrainConfig, run_dir: Path, models: ModelPool) -> list[_Job]:
+def _streamed_jobs(cfg: TrainConfig, run_dir: Path, models: ModelPool) -> tuple[list[_Job], object]:
     """cache.mode=stream: activations made while training (one forward pass feeds every hook's SAE); only the
     held-out split is cached on disk, for evaluation."""
     from saekit.data import load_windows
-    from saekit.stream import ActivationStream, stream_buffer_tokens
+    from saekit.stream import ActivationStream, stream_buffer_tokens, stream_training_data
 
     eval_caches = activation_caches(cfg, cfg.n_tokens, models, splits=("eval",))
     model = models.get(cfg.model)
@@ -145,12 +152,9 @@ def _streamed_jobs(cfg: TrainConfig, run_dir: Path, models: ModelPool) -> list[_
                   f"shuffled in a buffer of {buffer_tokens:,} tokens; nothing cached but the held-out split")
     jobs = []
     for hook_cfg, cache, (folder, run_id) in zip(cfg.per_hook(), eval_caches, _job_folders(cfg, run_dir)):
-        hook = hook_cfg.hook_name
-        batches = stream.batches(hook)
-        data = TrainingData(batches=batches, d=cache.d, key=f"{keys[hook]}/{batches.order_key}",
-                            mean_norm=stream.mean_norm(hook))
+        data = stream_training_data(stream, hook_cfg.hook_name, keys[hook_cfg.hook_name])
         jobs.append(_Job(hook_cfg, data, cache, folder, run_id))
-    return jobs
+    return jobs, stream
 
 
 def _train_jobs(jobs: list[_Job], models: ModelPool, device, lockstep: bool) -> list[dict[str, float]]:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import importlib
 import json
+import logging
 import math
 import os
+import sys
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -19,12 +23,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from saekit.cache import ActivationCache
-from saekit.checkpoint import SAE_FILE, STATE_FILE, load_train_state, read_metadata, save_sae, save_train_state
+from saekit.checkpoint import STATE_FILE, Checkpoint, load_train_state, read_metadata
 from saekit.config import TrainConfig
 from saekit.errors import ConfigError, TrainingDiverged
 from saekit.dead import DeadLatents, default_resample_steps, resample_dead_latents
-from saekit.loader import EpochBatches, Prefetcher, ShuffledBatches, TensorBatches
+from saekit.loader import EpochBatches, Prefetcher, TensorBatches, make_batches
 from saekit.sae import SAESpec, SparseAutoencoder, build_sae
+
+log = logging.getLogger(__name__)
 
 STEP_LOG = "steps.csv"
 STEP_COLUMNS = ("step", "tokens", "loss", "mse", "l0", "dead_frac", "lr", "tokens_per_s", "sparsity_loss", "auxk_loss",
@@ -34,7 +40,7 @@ _STANDARD_TERMS = ("loss", "mse", "sparsity", "auxk", "l0", "fired")
 # Settings that do not change what a run computes; a resumed run may differ in these.
 # fast_path and compile compute the same math (to float rounding) as their alternatives.
 _RESUME_IGNORED = ("device", "resume", "log_every_steps", "ckpt_every_steps", "run_id", "overrides", "cache",
-                   "eval_every_steps", "eval_delta_ce", "fast_path", "compile", "prefetch")
+                   "eval_every_steps", "eval_delta_ce", "fast_path", "compile", "prefetch", "loader")
 
 
 @dataclass
@@ -55,8 +61,13 @@ class TrainingData:
 
     @classmethod
     def from_cache(cls, cache: ActivationCache, cfg: TrainConfig) -> "TrainingData":
-        return cls(ShuffledBatches(cache, "train", cfg.batch_size, cfg.seed), cache.d, cache.manifest["key"],
-                   cache.manifest["splits"]["train"]["mean_norm"])
+        """The cache's training split through the loader `cfg.loader` picks; a batch order other than the global
+        shuffle is part of the key, so a checkpoint resumes only under the order it was trained with."""
+        batches = make_batches(cache, "train", cfg.batch_size, cfg.seed, cfg.loader)
+        key = cache.manifest["key"]
+        if batches.order_key != "global":
+            key = f"{key}/{batches.order_key}"
+        return cls(batches, cache.d, key, cache.manifest["splits"]["train"]["mean_norm"])
 
 
 def spec_from_config(cfg: TrainConfig, d: int) -> SAESpec:
@@ -173,13 +184,29 @@ class _TrainProgress:
 
 
 def initialize(sae: SparseAutoencoder, cfg: TrainConfig, data: TrainingData) -> None:
-    """SPEC 3 initialization from a sample of (normalized) training activations."""
+    """SPEC 3 initialization from a sample of (normalized) training activations, on the SAE's device.
+
+    The sample (`init.n_sample_tokens` rows) is moved to where the SAE lives, and the geometric median and the
+    encoder-scale encode run there in row chunks; the random directions come from a CPU generator seeded by
+    `seed`, so a run initializes the same on every device.
+    """
+    device = sae.W_enc.device
     if cfg.data.normalize == "scale":
         # E||x|| = sqrt(d) after scaling; the scale is a buffer, so it is saved and undone on splicing.
         sae.input_scale.fill_(math.sqrt(sae.spec.d) / max(data.mean_norm, 1e-12))
-    sample, _ = sae.normalize_input(data.batches.sample(cfg.init.n_sample_tokens, seed=cfg.seed))
+    raw = data.batches.sample(cfg.init.n_sample_tokens, seed=cfg.seed)
+    sample, _ = sae.normalize_input(raw.to(device))
     generator = torch.Generator().manual_seed(cfg.seed)
     sae.initialize(sample, cfg.init.b_pre, cfg.init.tied, cfg.init.scale_encoder, generator)
+
+
+def _import_in_background(module: str) -> Optional[threading.Thread]:
+    """Start importing `module` in a thread (None if it is loaded already), to overlap a slow first import."""
+    if module in sys.modules:
+        return None
+    thread = threading.Thread(target=importlib.import_module, args=(module,), name="saekit-import", daemon=True)
+    thread.start()
+    return thread
 
 
 def make_optimizer(sae: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -229,10 +256,14 @@ def matmul_precision(precision: str):
 def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                dead: DeadLatents, cfg: TrainConfig, lr: float,
                loss_fn: Optional[LossFunction] = None) -> dict[str, torch.Tensor]:
-    """One optimizer step: loss, backward, decoder-gradient projection, clip, step, renormalize."""
+    """One optimizer step: loss, backward, decoder-gradient projection, clip, step, renormalize.
+
+    Nothing here reads a device value back, so on an accelerator the host queues the next step at once.
+    """
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    terms = (loss_fn or sae.loss_terms)(x, dead.mask)
+    dead_set = dead.dead_set(x.shape[0]) if cfg.dead.method == "auxk" else None
+    terms = (loss_fn or sae.loss_terms)(x, dead_set)
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     if cfg.init.grad_projection:
@@ -268,7 +299,7 @@ def resample(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, dead: Dea
 
 
 def _weights_finite(sae: SparseAutoencoder) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in sae.parameters())
+    return bool(torch.stack([torch.isfinite(p).all() for p in sae.parameters()]).all())
 
 
 def _check_finite(loss: float, step: int, last_ckpt_step: Optional[int], run_dir: Path, sae: SparseAutoencoder,
@@ -299,6 +330,183 @@ def _resume_point(cfg: TrainConfig, run_dir: Path, data_key: str) -> Optional[di
 Evaluator = Callable[[SparseAutoencoder], dict]
 
 
+class _CheckpointWriter:
+    """Writes checkpoints in a background thread, one at a time and in order, while training goes on.
+
+    Each file goes to a temporary name and is renamed (checkpoint.atomic_save), so a kill at any moment leaves
+    the previous checkpoint whole; `wait` raises a failed write in the training thread.
+    """
+
+    def __init__(self) -> None:
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def submit(self, checkpoint: Checkpoint) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(checkpoint,), name="saekit-checkpoint")
+        self._thread.start()
+
+    def _write(self, checkpoint: Checkpoint) -> None:
+        try:
+            checkpoint.write()
+        except BaseException as exc:  # handed to the training thread by `wait`
+            self._error = exc
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+class Trainer:
+    """One SAE's training run, a step at a time: `fit` drives one, `fit_lockstep` several in turn.
+
+    Construction sets the run up (resume point, the SAE on the device, its initialization or the checkpoint's
+    state, optimizer, step log); `step(step, batch)` trains one step and does that step's resampling, logging,
+    evaluation and checkpoint; `finish()` returns the TrainResult once the last checkpoint is on disk. Use it as a
+    context manager, so that a checkpoint being written is waited for when training stops on an error.
+
+    Only log, checkpoint and resample steps read values back from the device: in between, the first non-finite
+    loss is kept on the device and checked there, and steps are timed from one such step to the next.
+    """
+
+    def __init__(self, cfg: TrainConfig, data: TrainingData, run_dir: Path, device: torch.device, console: Console,
+                 evaluator: Optional[Evaluator] = None):
+        self.cfg, self.data, self.run_dir, self.device, self.console = cfg, data, run_dir, device, console
+        self.evaluator = evaluator
+        resume = _resume_point(cfg, run_dir, data.key)
+        self.resumed_from = int(resume["step"]) if resume is not None else None
+        self.start = self.resumed_from or 0
+        self._build(initialized=resume is None)
+        if resume is not None:
+            counters, _ = load_train_state(run_dir / STATE_FILE, self.sae, self.optimizer)
+            self.dead.tokens_since_fired = counters["tokens_since_fired"].to(device)
+            console.print(f"resuming from step {self.start} of {cfg.n_steps} ({run_dir / STATE_FILE})")
+        self.dead.refresh(self._tokens_to_next_log(self.start))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.log = StepLog(run_dir / STEP_LOG, self.resumed_from)
+        self.facts = {"config_fingerprint": config_fingerprint(cfg, data.key), "train_config": dataclasses.asdict(cfg)}
+        self.last_ckpt = self.resumed_from
+        self.resampling = resample_steps(cfg)
+        self._writer = _CheckpointWriter()
+        self._loss_watch = torch.zeros((), device=device)
+        self._tokens_timed, self._time_spent = 0, 0.0
+        self._began: Optional[float] = None
+        self._tokens_running = 0
+
+    def _build(self, initialized: bool) -> None:
+        """The SAE on the device (initialized from the data when `initialized`), its loss, optimizer and counters."""
+        cfg, device = self.cfg, self.device
+        # A process's first optimizer imports torch._dynamo (1-2 s): done while the SAE initializes.
+        importing = _import_in_background("torch._dynamo")
+        self.sae = build_sae(spec_from_config(cfg, self.data.d)).to(device)
+        if initialized:
+            initialize(self.sae, cfg, self.data)
+        self.sae.train()
+        self.loss_fn = loss_function(self.sae, cfg, device)
+        if importing is not None:
+            importing.join()
+        self.optimizer = make_optimizer(self.sae, cfg)
+        self.dead = DeadLatents(torch.zeros(cfg.n, dtype=torch.long, device=device), dead_window_tokens(cfg))
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._writer.wait()
+        except Exception:
+            if exc is None:
+                raise
+            log.exception("writing a checkpoint failed while training stopped on another error")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self._tokens_timed / max(self._time_spent, 1e-9)
+
+    def step(self, step: int, batch: torch.Tensor) -> Optional[str]:
+        """Train step `step` (0-based) on a raw batch on the device; returns the progress line on log steps."""
+        cfg = self.cfg
+        if self._began is None:
+            self._began = time.perf_counter()
+        x, _ = self.sae.normalize_input(batch)
+        lr = learning_rate(cfg, self.data.d, step)
+        terms = train_step(self.sae, self.optimizer, x, self.dead, cfg, lr, self.loss_fn)
+        # The first non-finite loss stays (else the latest), for the check on the next log or checkpoint step.
+        self._loss_watch = torch.where(torch.isfinite(self._loss_watch), terms["loss"].detach().float(),
+                                       self._loss_watch)
+        self._tokens_running += x.shape[0]
+        done = step + 1
+        checkpoint_due = done % cfg.ckpt_every_steps == 0 or done == cfg.n_steps
+        eval_due = self.evaluator is not None and bool(cfg.eval_every_steps) and (
+            done % cfg.eval_every_steps == 0 or done == cfg.n_steps)
+        log_due = done % cfg.log_every_steps == 0 or done == cfg.n_steps or eval_due
+        if not (log_due or checkpoint_due or done in self.resampling):
+            return None
+        self._stop_clock()
+        if done in self.resampling:
+            revived = resample(self.sae, self.optimizer, self.dead, cfg, self.data, done, self.device)
+            self.console.print(f"step {done}: resampled {revived} dead latents", highlight=False)
+        _check_finite(float(self._loss_watch), done, self.last_ckpt, self.run_dir, self.sae,
+                      check_weights=checkpoint_due)
+        stats = None
+        if log_due:
+            stats = self._log(terms, step, lr, eval_due)
+        if checkpoint_due:
+            self._checkpoint(done)
+        self.dead.refresh(self._tokens_to_next_log(done))
+        return stats
+
+    def finish(self) -> TrainResult:
+        """The result, once every checkpoint is written (an already finished run rewrites its final one)."""
+        cfg = self.cfg
+        if self.start >= cfg.n_steps:
+            self._checkpoint(cfg.n_steps)
+        self._writer.wait()
+        return TrainResult(sae=self.sae, steps_run=cfg.n_steps - self.start, resumed_from=self.resumed_from,
+                           tokens_per_s=self.tokens_per_s, dead_frac_train=self.dead.fraction,
+                           epochs=cfg.n_steps * cfg.batch_size / self.data.batches.n_rows)
+
+    def _stop_clock(self) -> None:
+        """Account the steps since the clock started (waiting for the device: only here is it read back)."""
+        if self._began is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._time_spent += time.perf_counter() - self._began
+        self._tokens_timed += self._tokens_running
+        self._began, self._tokens_running = None, 0
+
+    def _log(self, terms: dict, step: int, lr: float, eval_due: bool) -> str:
+        row = _log_row(terms, step + 1, self.cfg, self.dead, lr, self.tokens_per_s, self.data.batches.epoch_of(step))
+        if eval_due:
+            held_out = self.evaluator(self.sae)
+            self.sae.train()
+            row.update(eval_nmse=held_out.get("nmse"), eval_delta_ce=held_out.get("delta_ce"))
+        self.log.append(row)
+        for warning in self.sae.training_warnings():
+            log.warning("step %d: %s", step + 1, warning)
+        return (f"loss {row['loss']:.4g}  L0 {row['l0']:.1f}  dead {row['dead_frac']:.1%}  "
+                f"{row['tokens_per_s']:,.0f} tok/s")
+
+    def _checkpoint(self, step: int) -> None:
+        """Snapshot now, write in the background (the next checkpoint, or `finish`, waits for this one)."""
+        facts = {**self.facts, "step": step}
+        checkpoint = Checkpoint.take(self.run_dir, self.sae, self.optimizer,
+                                     {"tokens_since_fired": self.dead.tokens_since_fired}, facts,
+                                     {**facts, "finished": step >= self.cfg.n_steps})
+        self._writer.submit(checkpoint)
+        self.last_ckpt = step
+
+    def _tokens_to_next_log(self, done: int) -> int:
+        """Tokens from step `done` up to the next log step: what the dead-latent candidates must cover."""
+        every = self.cfg.log_every_steps
+        return ((done // every + 1) * every - done) * self.cfg.batch_size
+
+
 def fit(cfg: TrainConfig, data: TrainingData, run_dir: Path, device: torch.device, console: Console,
         evaluator: Optional[Evaluator] = None) -> TrainResult:
     """Train one SAE on `data`; resumes from `run_dir`'s checkpoint when it matches.
@@ -306,69 +514,69 @@ def fit(cfg: TrainConfig, data: TrainingData, run_dir: Path, device: torch.devic
     `evaluator(sae) -> {"nmse": …, "delta_ce": …}` runs every `cfg.eval_every_steps` on held-out tokens
     (the offline evaluation's code path) and its numbers go into the step log.
     """
-    loader = data.batches
-    sae = build_sae(spec_from_config(cfg, data.d))
-    resume = _resume_point(cfg, run_dir, data.key)
-    if resume is None:
-        initialize(sae, cfg, data)
-    sae.to(device).train()
-    loss_fn = loss_function(sae, cfg, device)
-    optimizer = make_optimizer(sae, cfg)
-    dead = DeadLatents(torch.zeros(cfg.n, dtype=torch.long, device=device), dead_window_tokens(cfg))
-    start = 0
-    if resume is not None:
-        counters, facts = load_train_state(run_dir / STATE_FILE, sae, optimizer)
-        dead.tokens_since_fired = counters["tokens_since_fired"].to(device)
-        start = int(facts["step"])
-        console.print(f"resuming from step {start} of {cfg.n_steps} ({run_dir / STATE_FILE})")
-    log = StepLog(run_dir / STEP_LOG, start if resume is not None else None)
-    facts = {"config_fingerprint": config_fingerprint(cfg, data.key), "train_config": dataclasses.asdict(cfg)}
-
-    def checkpoint(step: int) -> None:
-        save_train_state(run_dir / STATE_FILE, sae, optimizer, {"tokens_since_fired": dead.tokens_since_fired},
-                         {**facts, "step": step})
-        save_sae(run_dir / SAE_FILE, sae, {**facts, "step": step, "finished": step >= cfg.n_steps})
-
-    last_ckpt = start if resume is not None else None
-    resampling = resample_steps(cfg)
-    tokens_timed, time_spent = 0, 0.0
-    with (matmul_precision(cfg.precision), Prefetcher(loader, start, cfg.n_steps, cfg.prefetch, device) as batches,
+    start = resume_step(cfg, run_dir, data.key)
+    # The prefetcher starts first: its first batches (and the epoch's shuffle) are made while the SAE initializes.
+    with (Prefetcher(data.batches, start, cfg.n_steps, cfg.prefetch, device) as batches,
+          Trainer(cfg, data, run_dir, device, console, evaluator) as trainer, matmul_precision(cfg.precision),
           _TrainProgress(console, cfg.n_steps, start) as progress):
-        for step in range(start, cfg.n_steps):
-            began = time.perf_counter()
-            x, _ = sae.normalize_input(batches.get(step))
-            terms = train_step(sae, optimizer, x, dead, cfg, learning_rate(cfg, data.d, step), loss_fn)
-            loss = float(terms["loss"].detach())
-            time_spent += time.perf_counter() - began
-            tokens_timed += x.shape[0]
-            done = step + 1
-            if done in resampling:
-                revived = resample(sae, optimizer, dead, cfg, data, done, device)
-                console.print(f"step {done}: resampled {revived} dead latents", highlight=False)
-            checkpoint_due = done % cfg.ckpt_every_steps == 0 or done == cfg.n_steps
-            _check_finite(loss, done, last_ckpt, run_dir, sae, check_weights=checkpoint_due)
-            stats = None
-            eval_due = evaluator is not None and cfg.eval_every_steps and (
-                done % cfg.eval_every_steps == 0 or done == cfg.n_steps)
-            if done % cfg.log_every_steps == 0 or done == cfg.n_steps or eval_due:
-                row = _log_row(terms, done, cfg, dead, learning_rate(cfg, data.d, step), tokens_timed / max(time_spent, 1e-9),
-                               loader.epoch_of(step))
-                if eval_due:
-                    held_out = evaluator(sae)
-                    sae.train()
-                    row.update(eval_nmse=held_out.get("nmse"), eval_delta_ce=held_out.get("delta_ce"))
-                log.append(row)
-                stats = (f"loss {row['loss']:.4g}  L0 {row['l0']:.1f}  dead {row['dead_frac']:.1%}  "
-                         f"{row['tokens_per_s']:,.0f} tok/s")
-            if checkpoint_due:
-                checkpoint(done)
-                last_ckpt = done
-            progress.update(done, stats)
-    if start >= cfg.n_steps:
-        checkpoint(cfg.n_steps)  # an already finished run: make sure sae.safetensors is the final one
-    return TrainResult(sae=sae, steps_run=cfg.n_steps - start, resumed_from=start if resume is not None else None,
-                       tokens_per_s=tokens_timed / max(time_spent, 1e-9), dead_frac_train=dead.fraction,
-                       epochs=cfg.n_steps * cfg.batch_size / loader.n_rows)
+        for step in range(trainer.start, cfg.n_steps):
+            progress.update(step + 1, trainer.step(step, batches.get(step)))
+        return trainer.finish()
+
+
+def resume_step(cfg: TrainConfig, run_dir: Path, data_key: str) -> int:
+    """The step a run in `run_dir` starts at: its checkpoint's, or 0."""
+    facts = _resume_point(cfg, run_dir, data_key)
+    return int(facts["step"]) if facts is not None else 0
+
+
+class _LockstepBatches:
+    """Several runs' batches in the order lockstep trains them, as one source for one Prefetcher: a single
+    thread gathers for every run, so a shared source is never asked from two threads at once."""
+
+    def __init__(self, schedule: list[tuple[int, int]], sources: list):
+        self.schedule, self.sources = schedule, sources
+
+    def batch(self, index: int) -> torch.Tensor:
+        step, job = self.schedule[index]
+        return self.sources[job].batch(step)
+
+
+def fit_lockstep(jobs: list[tuple[TrainConfig, TrainingData, Path]], device: torch.device, console: Console,
+                 evaluators: Optional[list[Optional[Evaluator]]] = None) -> list[TrainResult]:
+    """Train several SAEs together, one step of each in turn (step s of the first, step s of the second, …).
+
+    Each job is (config, data, run folder) and resumes from its own folder, as `fit` would; a shared data source
+    (one model forward pass feeding several hooks) thus makes each chunk once. Every job must have the same
+    n_steps and precision. Each SAE's weights come out the same as from its own `fit` call.
+    """
+    if not jobs:
+        return []
+    steps = sorted({cfg.n_steps for cfg, _, _ in jobs})
+    precisions = sorted({cfg.precision for cfg, _, _ in jobs})
+    if len(steps) > 1 or len(precisions) > 1:
+        raise ConfigError(f"lockstep training needs one n_steps and one precision for every SAE (got n_steps {steps}, "
+                          f"precision {precisions}); give them the same n_tokens, batch_size and precision")
+    n_steps, evaluators = steps[0], list(evaluators) if evaluators is not None else [None] * len(jobs)
+    starts = [resume_step(cfg, run_dir, data.key) for cfg, data, run_dir in jobs]
+    schedule = [(step, job) for step in range(min(starts), n_steps) for job in range(len(jobs)) if step >= starts[job]]
+    source = _LockstepBatches(schedule, [data.batches for _, data, _ in jobs])
+    depth = max(cfg.prefetch for cfg, _, _ in jobs) * len(jobs)
+    with ExitStack() as stack:
+        batches = stack.enter_context(Prefetcher(source, 0, len(schedule), depth, device))
+        trainers = [stack.enter_context(Trainer(cfg, data, run_dir, device, console, evaluator))
+                    for (cfg, data, run_dir), evaluator in zip(jobs, evaluators)]
+        stack.enter_context(matmul_precision(precisions[0]))
+        progress = stack.enter_context(_TrainProgress(console, n_steps, min(starts)))
+        lines: list[str] = []
+        for index, (step, job) in enumerate(schedule):
+            stats = trainers[job].step(step, batches.get(index))
+            if stats:
+                lines.append(f"{jobs[job][2].name}: {stats}" if len(jobs) > 1 else stats)
+            if index + 1 == len(schedule) or schedule[index + 1][0] != step:  # the last SAE of this step
+                progress.update(step + 1, " | ".join(lines) or None)
+                lines = []
+        return [trainer.finish() for trainer in trainers]
 
 
 def _log_row(terms: dict, step: int, cfg: TrainConfig, dead: DeadLatents, lr: float, tokens_per_s: float,

@@ -203,3 +203,18 @@ def test_cache_verify_exit_codes(tmp_path, small_text):
     assert f"{shard.name} has a different sha256" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     missing = run_cli("cache", "verify", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "not a folder" in missing.stderr
+
+
+def test_streamed_training_of_two_hooks_caches_only_the_held_out_split(tmp_path, small_text):
+    run_dir, cache_dir = tmp_path / "run", tmp_path / "c"
+    result = run_cli("train", "cache.mode=stream", "layer=[1,2]", "activation=topk", "k=4", "n=64", "n_tokens=16384",
+                     "batch_size=1024", "loader.buffer_tokens=4096", "data=text_files", f"data.paths=[{small_text}]",
+                     "data.ctx_len=32", "data.n_eval_tokens=1024", f"cache.dir={cache_dir}", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pd.read_csv(run_dir / "results.csv")
+    assert sorted(table["hook"].unique()) == ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+    assert (table[table["metric"] == "nmse"]["value"] < 1).all()
+    manifests = [json.loads(path.read_text()) for path in cache_dir.glob(f"*/{MANIFEST}")]
+    assert len(manifests) == 2 and all(list(m["splits"]) == ["eval"] for m in manifests)  # no training shards on disk
+    for hook in table["hook"].unique():
+        assert (run_dir / hook / "sae.safetensors").is_file()

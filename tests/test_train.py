@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import io
 import os
 import re
 import signal
@@ -12,13 +14,15 @@ import time
 
 import pytest
 import torch
+from rich.console import Console
 from safetensors.torch import load_file
 
 from conftest import REPO, cli_env
 from saekit import train as train_mod
 from saekit.checkpoint import STATE_FILE, read_metadata
 from saekit.cli import _register, preflight
-from saekit.errors import TrainingDiverged
+from saekit.errors import ConfigError, TrainingDiverged
+from saekit.synthetic import PlantedDictionary, synthetic_train_config
 from saekit.tasks import activation_cache
 
 
@@ -127,3 +131,93 @@ def test_training_runs_on_cuda(tmp_path, small_text, cache_root):
     assert result.sae.W_enc.is_cuda
     rows = steps(tmp_path)
     assert float(rows[-1][1]) < float(rows[0][1])
+
+
+def _planted_job(tmp_path, name, activation, seed, **changes):
+    """A small in-memory job: 40 steps of 256 tokens, logging every 5 and checkpointing every 10 steps."""
+    planted = PlantedDictionary(d=16, n_features=48, seed=seed)
+    settings = {"n_tokens": 40 * 256, "log_every_steps": 5, "ckpt_every_steps": 10, **changes}
+    cfg = dataclasses.replace(synthetic_train_config(activation, n=64, n_tokens=settings.pop("n_tokens"), batch_size=256,
+                                                     k=4, seed=seed), **settings)
+    data = train_mod.TrainingData.from_tensor(planted.sample(4096, seed=seed + 1), cfg.batch_size, cfg.seed,
+                                              key=f"planted-{seed}")
+    return cfg, data, tmp_path / name
+
+
+def _weights(run_dir):
+    return load_file(str(run_dir / "sae.safetensors"))
+
+
+def _step_rows(run_dir):
+    with open(run_dir / "steps.csv") as handle:
+        return [{key: value for key, value in row.items() if key != "tokens_per_s"} for row in csv.DictReader(handle)]
+
+
+def _same_runs(a, b):
+    first, second = _weights(a), _weights(b)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    assert _step_rows(a) == _step_rows(b)
+
+
+def test_lockstep_training_gives_each_sae_its_own_fit_result(tmp_path):
+    """Two SAEs (different data, variant and seed) trained one step each in turn come out bit for bit as when
+    each is fitted alone; killed mid-run (their last checkpoints at different steps) and run again, too."""
+    quiet = Console(quiet=True)
+    alone = [_planted_job(tmp_path, "alone-topk", "topk", seed=0),
+             _planted_job(tmp_path, "alone-batchtopk", "batchtopk", seed=1, ckpt_every_steps=15)]
+    for cfg, data, run_dir in alone:
+        train_mod.fit(cfg, data, run_dir, torch.device("cpu"), quiet)
+
+    jobs = [_planted_job(tmp_path, "lock-topk", "topk", seed=0),
+            _planted_job(tmp_path, "lock-batchtopk", "batchtopk", seed=1, ckpt_every_steps=15)]
+    real_step, trained = train_mod.train_step, []
+
+    def recording_step(sae, *args, **kwargs):
+        trained.append(sae.spec.activation)
+        return real_step(sae, *args, **kwargs)
+
+    train_mod.train_step = recording_step
+    try:
+        results = train_mod.fit_lockstep(jobs, torch.device("cpu"), quiet)
+    finally:
+        train_mod.train_step = real_step
+    assert trained == ["topk", "batchtopk"] * 40  # one step of each in turn
+    assert [result.steps_run for result in results] == [40, 40]
+    for (_, _, ran_alone), (_, _, ran_together) in zip(alone, jobs):
+        _same_runs(ran_alone, ran_together)
+
+    killed = [_planted_job(tmp_path, "killed-topk", "topk", seed=0),
+              _planted_job(tmp_path, "killed-batchtopk", "batchtopk", seed=1, ckpt_every_steps=15)]
+    calls = []
+
+    def killed_in_step_25(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 * 25 + 1:  # the first SAE's step 25: checkpoints at steps 20 and 15 are on disk
+            raise _Killed()
+        return real_step(*args, **kwargs)
+
+    train_mod.train_step = killed_in_step_25
+    try:
+        with pytest.raises(_Killed):
+            train_mod.fit_lockstep(killed, torch.device("cpu"), quiet)
+    finally:
+        train_mod.train_step = real_step
+    assert [read_metadata(run_dir / STATE_FILE)["step"] for _, _, run_dir in killed] == [20, 15]
+    console = Console(file=io.StringIO(), width=200)
+    results = train_mod.fit_lockstep(killed, torch.device("cpu"), console)
+    assert [result.resumed_from for result in results] == [20, 15]
+    assert "resuming from step 20 of 40" in console.file.getvalue()
+    for (_, _, ran_alone), (_, _, resumed) in zip(alone, killed):
+        _same_runs(ran_alone, resumed)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_lockstep_needs_one_step_count(tmp_path):
+    jobs = [_planted_job(tmp_path, "a", "topk", seed=0), _planted_job(tmp_path, "b", "topk", seed=1, n_tokens=20 * 256)]
+    with pytest.raises(ConfigError, match=r"lockstep training needs one n_steps .* \[20, 40\]"):
+        train_mod.fit_lockstep(jobs, torch.device("cpu"), Console(quiet=True))

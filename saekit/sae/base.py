@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saekit.sae.sparse import ChosenCodes, SparseCode, decode_code, preact_values
+from saekit.sae.sparse import ChosenCodes, DeadSet, SparseCode, chunk_rows, decode_code, preact_values
+
+DeadLatentsArg = Optional["torch.Tensor | DeadSet"]
+"""What loss_terms takes for the dead latents: None, a (n,) bool mask, or a DeadSet (mask plus candidates)."""
 
 
 @dataclass
@@ -61,14 +64,28 @@ class SAESpec:
         return self.k_aux if self.k_aux is not None else max(1, self.d // 2)
 
 
-def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-6) -> torch.Tensor:
-    """Weiszfeld iterations for argmin_y sum_i ||x_i - y||, starting from the mean. points: (N, d) → (d,)."""
-    points = points.double()
-    median = points.mean(dim=0)
+def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-6,
+                     chunk: Optional[int] = None) -> torch.Tensor:
+    """Weiszfeld iterations for argmin_y sum_i ||x_i - y||, starting from the mean. points: (N, d) → (d,).
+
+    Runs where `points` lives, over row chunks (`chunk` rows, default 16 MB of float32 each), so the memory
+    beyond the points stays bounded whatever N. Each step y ← y + Σ w_i (x_i − y) / Σ w_i (w_i = 1/||x_i − y||)
+    works in the points' float32 on the offsets from y and sums in float64: the offsets shrink as y converges,
+    so their rounding does too, and y itself is kept in float64.
+    """
+    chunk = chunk or max(1, 2**22 // max(1, points.shape[1]))
+    pieces = points.float().split(chunk)
+    median = sum(piece.sum(dim=0, dtype=torch.float64) for piece in pieces) / points.shape[0]
     for _ in range(max_iter):
-        distances = (points - median).norm(dim=1).clamp_min(1e-12)
-        weights = 1.0 / distances
-        updated = (weights[:, None] * points).sum(dim=0) / weights.sum()
+        center = median.float()
+        step = torch.zeros_like(median)
+        total_weight = torch.zeros((), dtype=torch.float64, device=points.device)
+        for piece in pieces:
+            offsets = piece - center
+            weights = 1.0 / offsets.norm(dim=1).clamp_min(1e-12)
+            step += (weights @ offsets).double()
+            total_weight += weights.sum(dtype=torch.float64)
+        updated = center.double() + step / total_weight
         moved = (updated - median).norm()
         median = updated
         if moved <= tol * max(1.0, float(median.norm())):
@@ -213,38 +230,42 @@ class SparseAutoencoder(nn.Module):
         z = self.encode(x)
         return self.decode(z), z
 
-    def choose_codes(self, x_centered: torch.Tensor, dead_latents: Optional[torch.Tensor]) -> ChosenCodes:
+    def choose_codes(self, x_centered: torch.Tensor, dead: Optional[DeadSet]) -> ChosenCodes:
         """The sparse path's selection for a batch (variants with `has_sparse_path`); nothing here needs grad."""
         raise NotImplementedError
 
-    def loss_terms(self, x: torch.Tensor, dead_mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    def training_warnings(self) -> list[str]:
+        """Problems noticed by training steps since the last call; called on log steps, where reading the
+        device is allowed (steps themselves never wait on it)."""
+        return []
+
+    def loss_terms(self, x: torch.Tensor, dead: DeadLatentsArg = None) -> dict[str, torch.Tensor]:
         """Training loss and its named parts on a normalized batch x (B, d). `loss` is what is minimized.
 
         In training mode a variant with a sparse path takes it (same loss and gradients, O(k·d) per token
-        beyond the encoder matmul); `sparse_training = False` forces this dense reference.
+        beyond the encoder matmul); `sparse_training = False` forces this dense reference. Nothing here reads
+        a device value back to the host, so a step never waits on the accelerator.
         """
         if self.training and self.sparse_training and self.has_sparse_path:
-            return self.sparse_loss_terms(x, dead_mask)
+            return self.sparse_loss_terms(x, dead)
         encoding = self.encode_for_training(x)
         x_hat = self.decode(encoding.z)
         terms = {"mse": reconstruction_loss(x, x_hat)}
         terms.update(encoding.penalties)
         terms.update(self.extra_terms(x, encoding))
         if self.spec.dead_method == "auxk":
-            terms["auxk"] = self.auxk_loss(x, x_hat, encoding.h, dead_mask)
+            terms["auxk"] = self.auxk_loss(x, x_hat, encoding.h, dead)
         terms["loss"] = sum(terms.values())
         active = (encoding.z != 0).detach()
         terms["l0"] = active.float().sum(dim=-1).mean()
         terms["fired"] = active.any(dim=0)
         return terms
 
-    def sparse_loss_terms(self, x: torch.Tensor, dead_mask: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def sparse_loss_terms(self, x: torch.Tensor, dead: DeadLatentsArg) -> dict[str, torch.Tensor]:
         """`loss_terms` through the sparse path: the variant chooses entries, only those carry gradient."""
         x_centered = x - self.b_pre
-        dead_latents = None
-        if self.spec.dead_method == "auxk" and dead_mask is not None and bool(dead_mask.any()):
-            dead_latents = torch.nonzero(dead_mask).flatten()
-        chosen = self.choose_codes(x_centered.detach(), dead_latents)
+        dead = DeadSet.of(dead) if self.spec.dead_method == "auxk" else None
+        chosen = self.choose_codes(x_centered.detach(), dead)
 
         def reconstruct(code: SparseCode) -> tuple[SparseCode, torch.Tensor, torch.Tensor]:
             code = preact_values(code, x_centered, self.W_enc, self.b_enc)
@@ -262,26 +283,28 @@ class SparseAutoencoder(nn.Module):
             if chosen.aux is not None:
                 aux = preact_values(chosen.aux, x_centered, self.W_enc, self.b_enc)
                 error_hat = decode_code(aux, F.relu(aux.values), self.W_dec)
-                terms["auxk"] = self._auxk_from((x - x_hat).detach(), error_hat)
+                terms["auxk"] = dead.gate(self._auxk_from((x - x_hat).detach(), error_hat))
         terms["loss"] = sum(terms.values())
         active = activations.detach() != 0
         terms["l0"] = active.float().sum() / x.shape[0]
-        fired = torch.zeros(self.spec.n, dtype=torch.bool, device=x.device)
-        fired[main.latents[active]] = True
-        terms["fired"] = fired
+        # Counted with index_add: a boolean-mask index would read the number of active entries back to the host.
+        fired = torch.zeros(self.spec.n, dtype=torch.int32, device=x.device)
+        terms["fired"] = fired.index_add_(0, main.latents, active.int()) > 0
         return terms
 
-    def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor, h: torch.Tensor,
-                  dead_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor, h: torch.Tensor, dead: DeadLatentsArg) -> torch.Tensor:
         """α ||e − ê||² / ||e − mean(e)||², ê from the top-k_aux dead pre-activations (Gao et al. 2024, A.2).
 
-        Exactly zero when no latent is dead.
+        Exactly zero when no latent is dead. Ranked among the dead set's candidates, with those not dead scored
+        −inf, so k_aux is fixed on the host (≤ the number of candidates) and no device value is read.
         """
-        if dead_mask is None or not bool(dead_mask.any()):
+        dead = DeadSet.of(dead)
+        if dead is None:
             return torch.zeros((), device=x.device)
-        k_aux = min(self.spec.effective_k_aux, int(dead_mask.sum()))
-        values, indices = h.masked_fill(~dead_mask, float("-inf")).topk(k_aux, dim=-1, sorted=False)
-        return self._auxk_from((x - x_hat).detach(), sparse_decode(F.relu(values), indices, self.W_dec))
+        k_aux = min(self.spec.effective_k_aux, dead.candidates.numel())
+        values, where = dead.scores(h).topk(k_aux, dim=-1, sorted=False)
+        error_hat = sparse_decode(F.relu(values), dead.candidates[where], self.W_dec)
+        return dead.gate(self._auxk_from((x - x_hat).detach(), error_hat))
 
     def _auxk_from(self, error: torch.Tensor, error_hat: torch.Tensor) -> torch.Tensor:
         residual_var = (error - error.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
@@ -353,11 +376,23 @@ class SparseAutoencoder(nn.Module):
         Without it a tied ReLU SAE starts with reconstructions about n/(2d) times too large (32x at n = 4096,
         d = 64), which short runs never recover from.
         """
-        centered = sample - self.b_pre
-        recon = self.decode(self.encode(sample)) - self.b_pre
-        recon_norm = recon.norm(dim=-1).mean()
+        centered = sum((piece - self.b_pre).norm(dim=-1).double().sum() for piece in sample.split(2**16))
+        recon_norm = self._reconstruction_norms(sample).double().sum()
         if recon_norm > 0:
-            self.W_enc.mul_(centered.norm(dim=-1).mean() / recon_norm)
+            self.W_enc.mul_((centered / recon_norm).float())
+
+    @torch.no_grad()
+    def _reconstruction_norms(self, sample: torch.Tensor) -> torch.Tensor:
+        """(N,) ||x̂ − b_pre|| of the sample's reconstructions, in row chunks (bounded memory at any N and n)."""
+        rows = chunk_rows(self.spec.n, sample.device)
+        return torch.cat([(self.decode(self.encode(piece)) - self.b_pre).norm(dim=-1) for piece in sample.split(rows)])
+
+    def _code_norms(self, code: SparseCode) -> torch.Tensor:
+        """||x̂ − b_pre|| per row of a sparse code (the TopK family's cheaper `_reconstruction_norms`)."""
+        activations = F.relu(code.values)
+        if self.spec.learned_scale:
+            activations = activations * self.latent_scale[code.latents]
+        return decode_code(code, activations, self.W_dec).norm(dim=-1)
 
 
 def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:

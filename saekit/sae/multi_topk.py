@@ -13,7 +13,7 @@ import torch
 
 from saekit.sae.base import Encoding, reconstruction_loss
 from saekit.sae.registry import register
-from saekit.sae.sparse import ChosenCodes, SparseCode, aux_code
+from saekit.sae.sparse import ChosenCodes, DeadSet, SparseCode, aux_code
 from saekit.sae.topk import TopKSAE, topk_activation
 
 
@@ -29,9 +29,9 @@ class MultiTopKSAE(TopKSAE):
         z_wide = self.scale_latents(topk_activation(encoding.h, self.wide_k, self.spec.topk_on))
         return {"multi_topk": self.spec.multi_weight * reconstruction_loss(x, self.decode(z_wide))}
 
-    def choose_codes(self, x_centered: torch.Tensor, dead_latents: Optional[torch.Tensor]) -> ChosenCodes:
+    def choose_codes(self, x_centered: torch.Tensor, dead: Optional[DeadSet]) -> ChosenCodes:
         # One ranking of the wide_k largest, sorted, serves both terms: its first k columns are TopK(k).
-        ranked = self.rank(x_centered, self.wide_k, dead_latents, sorted=True)
+        ranked = self.rank(x_centered, self.wide_k, dead, sorted=True)
         k = self.spec.k
         main = SparseCode.per_row(ranked.top_values[:, :k], ranked.top_latents[:, :k])
         wide = SparseCode.per_row(ranked.top_values, ranked.top_latents)

@@ -13,7 +13,7 @@ from typing import Optional
 
 from saekit.sae.base import SparseAutoencoder
 from saekit.sae.registry import register
-from saekit.sae.sparse import ChosenCodes, SparseCode, aux_code, rank_preacts
+from saekit.sae.sparse import ChosenCodes, DeadSet, SparseCode, aux_code, rank_preacts
 
 
 def topk_activation(h: torch.Tensor, k: int, on: str = "preact") -> torch.Tensor:
@@ -36,10 +36,17 @@ class TopKSAE(SparseAutoencoder):
     def activate(self, h: torch.Tensor) -> torch.Tensor:
         return topk_activation(h, self.spec.k, self.spec.topk_on)
 
-    def rank(self, x_centered: torch.Tensor, m: int, dead_latents: Optional[torch.Tensor], sorted: bool = False):
-        return rank_preacts(x_centered, self.W_enc, self.b_enc, m, self.spec.topk_on, sorted=sorted,
-                            dead_latents=dead_latents, k_aux=self.spec.effective_k_aux)
+    def rank(self, x_centered: torch.Tensor, m: int, dead: Optional[DeadSet], sorted: bool = False):
+        return rank_preacts(x_centered, self.W_enc, self.b_enc, m, self.spec.topk_on, sorted=sorted, dead=dead,
+                            k_aux=self.spec.effective_k_aux)
 
-    def choose_codes(self, x_centered: torch.Tensor, dead_latents: Optional[torch.Tensor]) -> ChosenCodes:
-        ranked = self.rank(x_centered, self.spec.k, dead_latents)
+    def choose_codes(self, x_centered: torch.Tensor, dead: Optional[DeadSet]) -> ChosenCodes:
+        ranked = self.rank(x_centered, self.spec.k, dead)
         return ChosenCodes(SparseCode.per_row(ranked.top_values, ranked.top_latents), {}, aux_code(ranked))
+
+    @torch.no_grad()
+    def _reconstruction_norms(self, sample: torch.Tensor) -> torch.Tensor:
+        """Through the sparse path: one chunked encoder matmul and ranking, a k-sparse decode (TopK(k) for
+        Multi-TopK too, as its `encode`)."""
+        ranked = self.rank(sample - self.b_pre, self.spec.k, None)
+        return self._code_norms(SparseCode.per_row(ranked.top_values, ranked.top_latents))
