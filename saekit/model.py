@@ -6,7 +6,8 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -47,6 +48,9 @@ class LoadedModel:
     d_vocab: int
     bos_token_id: Optional[int]
     device: torch.device
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+    """Forward passes with hooks attach them to the shared model: two at once (a stream's background fill and an
+    evaluation) would swap activations, so every hooked pass holds this lock."""
 
     @property
     def tokenizer(self):
@@ -94,7 +98,8 @@ class LoadedModel:
         # A hook outside the blocks (embeddings are before them, ln_final after) needs the whole pass.
         deepest = None if any(layer is None for layer in layers) else max(layers)
         stop = deepest + 1 if deepest is not None and deepest + 1 < self.n_layers else None
-        self.bridge.run_with_hooks(tokens, fwd_hooks=[(name, grabber(name)) for name in hooks], stop_at_layer=stop)
+        with self.lock:
+            self.bridge.run_with_hooks(tokens, fwd_hooks=[(name, grabber(name)) for name in hooks], stop_at_layer=stop)
         missing = [name for name in hooks if name not in captured]
         if missing:
             raise ConfigError(f"hook={missing[0]} never ran in {self.name}'s forward pass; pick another hook "
@@ -104,9 +109,10 @@ class LoadedModel:
     @torch.no_grad()
     def logits_with_hook(self, tokens: torch.Tensor, hook: str, fn: Optional[Callable]) -> torch.Tensor:
         """Logits of a full forward pass, with `fn(act) -> act` replacing the activation at `hook`."""
-        if fn is None:
-            return self.bridge(tokens)
-        return self.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, lambda act, hook=None: fn(act))])
+        with self.lock:
+            if fn is None:
+                return self.bridge(tokens)
+            return self.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, lambda act, hook=None: fn(act))])
 
 
 def _local_identity(folder: Path, memo: Optional[HashMemo]) -> dict:

@@ -147,7 +147,7 @@ def _streamed_jobs(cfg: TrainConfig, run_dir: Path, models: ModelPool) -> tuple[
     keys = cache_keys(cfg, cfg.n_tokens)
     buffer_tokens = stream_buffer_tokens(cfg.loader.buffer_tokens, model.d_model, cfg.batch_size, len(hooks))
     stream = ActivationStream(model, windows.train, hooks, excludes_bos(cfg.data), buffer_tokens, cfg.batch_size,
-                              cfg.seed, cfg.cache.batch_windows)
+                              cfg.seed, cfg.cache.batch_windows, n_steps=cfg.n_steps)
     console.print(f"streaming activations of {len(hooks)} hook(s) from {windows.train.shape[0]:,} windows, "
                   f"shuffled in a buffer of {buffer_tokens:,} tokens; nothing cached but the held-out split")
     jobs = []

@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import logging
+import mmap
 import os
 from pathlib import Path
 
@@ -94,6 +95,17 @@ def test_every_row_is_served_once_per_epoch_and_a_few_differ_as_the_dropped_rest
     assert first_fills[0] != first_fills[1] != first_fills[2]  # each epoch reads the blocks in another order
     # Rows are shuffled inside the buffer: one batch draws from many blocks of 64 rows, not one or two.
     assert np.unique(orders[0][:96] // 64).size >= 8
+
+
+def test_buffers_of_megabytes_live_on_their_own_pages_and_serve_the_same_rows(tmp_path):
+    """Buffers of 4 MiB and more are anonymous memory maps (huge pages where offered); the rows are the same."""
+    wide = lambda first, count: index_rows(first, count).repeat(1, 64)  # 256 float32 columns: 1 KiB a row
+    batches = BlockShuffledBatches(open_cache(write_cache(tmp_path / "wide", rows=wide)), "train", 500, seed=0,
+                                   buffer_tokens=4500, block_bytes=2**16)
+    served = np.concatenate([decode(batches.batch(step)[:, :4]) for step in range(batches.batches_per_epoch)])
+    assert np.array_equal(np.sort(served), np.arange(5000))
+    assert isinstance(batches._slots[0].base, mmap.mmap) and batches._slots[0].nbytes >= 2**22
+    assert torch.equal(batches.batch(3)[:, 4:], batches.batch(3)[:, :4].repeat(1, 63))
 
 
 def test_batches_are_addressable_by_step_in_any_order_and_from_a_fresh_loader(cache):
