@@ -5,9 +5,8 @@ synthetic activations of bench/speed.py), TopK with AuxK, logging every 10 steps
 
   fit_tokens_per_s    1M tokens over the seconds of the whole `fit` call: initialization, the prefetcher's
                       start, log and checkpoint steps and the final checkpoint included;
-  steps_tokens_per_s  the same run replayed as plain `train_step` calls on batches gathered beforehand, timed
-                      in blocks after one warm-up step (the steady-step rate), half before the fit and half
-                      after it, so a slow drift of the machine's speed falls on both rates alike;
+  steps_tokens_per_s  the same run replayed afterwards as plain `train_step` calls, batches from the same
+                      Prefetcher as in `fit`, timed after one warm-up step (the steady-step rate);
   fit_vs_steps        their ratio (1.0: fit adds nothing to its steps);
   init_s              seconds from entering `fit` to its first training step (timed by wrapping
                       `saekit.train.train_step`, which `fit` calls for every step);
@@ -20,7 +19,6 @@ Rows `name,value,unit` go into --out (default bench/scale_results.csv), replacin
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import sys
 import tempfile
@@ -32,14 +30,14 @@ from rich.console import Console
 
 import saekit.train as train_mod
 from saekit.dead import DeadLatents
+from saekit.loader import Prefetcher
 from saekit.sae import build_sae
 from saekit.train import (TrainingData, dead_window_tokens, fit, initialize, learning_rate, loss_function,
                           make_optimizer, spec_from_config, train_step)
+from rows import merge_rows  # bench/rows.py (this script's folder is on sys.path)
 from speed import THREADS, Setup, machine, matmul_gflops, synchronize, synthetic_activations, train_config
 
 ROOT = Path(__file__).resolve().parent.parent
-BLOCK_STEPS = 16
-"""Steps per timed block of the steady replay (their batches are gathered before the block)."""
 
 
 def bench_config(setup: Setup, n_tokens: int):
@@ -73,8 +71,9 @@ def timed_fit(setup: Setup, cfg, x: torch.Tensor) -> dict:
 
 
 class Replay:
-    """The run's steps as plain `train_step` calls (same data, schedule and dead-latent window as the fit),
-    after a first, untimed warm-up step; `run` times the next steps, so the replay can be split around the fit."""
+    """The run's steps as plain `train_step` calls (same data, schedule and dead-latent window as the fit), after
+    a first, untimed warm-up step. Batches come from a Prefetcher, as in `fit`, so the two differ only in what
+    `fit` adds around its steps."""
 
     def __init__(self, setup: Setup, cfg, x: torch.Tensor):
         self.setup, self.cfg, self.device = setup, cfg, torch.device(setup.device)
@@ -85,47 +84,35 @@ class Replay:
         self.loss_fn = loss_function(self.sae, cfg, self.device)
         self.optimizer = make_optimizer(self.sae, cfg)
         self.dead = DeadLatents(torch.zeros(cfg.n, dtype=torch.long, device=self.device), dead_window_tokens(cfg))
-        self.next_step, self.tokens, self.seconds = 0, 0, 0.0
-        self._step(self._batch(0), 0)
-        self.next_step = 1
+        self.tokens, self.seconds = 0, 0.0
 
-    def _batch(self, step: int) -> torch.Tensor:
-        return self.sae.normalize_input(self.data.batches.batch(step).to(self.device))[0]
-
-    def _step(self, batch: torch.Tensor, step: int) -> None:
-        train_step(self.sae, self.optimizer, batch, self.dead, self.cfg, learning_rate(self.cfg, self.setup.d, step),
-                   self.loss_fn)
-
-    def run(self, n_steps: int) -> None:
-        """Time the next `n_steps` steps, in blocks whose batches are gathered before each block."""
-        stop = min(self.next_step + n_steps, self.cfg.n_steps)
-        for start in range(self.next_step, stop, BLOCK_STEPS):
-            steps = range(start, min(start + BLOCK_STEPS, stop))
-            batches = [self._batch(step) for step in steps]
+    def run(self) -> None:
+        cfg = self.cfg
+        with Prefetcher(self.data.batches, 0, cfg.n_steps, cfg.prefetch, self.device) as batches:
+            for step in range(cfg.n_steps):
+                if step == 1:  # the clock starts after the warm-up step
+                    synchronize(self.setup)
+                    began = time.perf_counter()
+                x = self.sae.normalize_input(batches.get(step))[0]
+                train_step(self.sae, self.optimizer, x, self.dead, cfg, learning_rate(cfg, self.setup.d, step),
+                           self.loss_fn)
             synchronize(self.setup)
-            began = time.perf_counter()
-            for step, batch in zip(steps, batches):
-                self._step(batch, step)
-            synchronize(self.setup)
-            self.seconds += time.perf_counter() - began
-            self.tokens += len(steps) * self.cfg.batch_size
-        self.next_step = stop
+        self.seconds = time.perf_counter() - began
+        self.tokens = (cfg.n_steps - 1) * cfg.batch_size
 
 
 def run(setup: Setup, n_tokens: int, console: Console) -> list[tuple[str, float, str]]:
-    """The steady replay's first half before the fit, its second half after, so that a slow drift of the
-    machine's speed falls on both rates alike."""
+    """The fit first, as in a `saekit train` process (its first optimizer pays torch's one-time imports), then
+    the steady replay; the matmul rate around each shows whether the machine's speed changed in between."""
     torch.set_num_threads(THREADS)
     cfg = bench_config(setup, n_tokens)
     x = synthetic_activations(setup, cfg.n_steps * cfg.batch_size, seed=1)
     tokens = cfg.n_steps * cfg.batch_size
-    replay = Replay(setup, cfg, x)
     before = matmul_gflops(setup)
-    replay.run(cfg.n_steps // 2)
-    around_fit = matmul_gflops(setup)
     fitted = timed_fit(setup, cfg, x)
-    after_fit = matmul_gflops(setup)
-    replay.run(cfg.n_steps)
+    between = matmul_gflops(setup)
+    replay = Replay(setup, cfg, x)
+    replay.run()
     after = matmul_gflops(setup)
     fit_rate, steps_rate = tokens / fitted["seconds"], replay.tokens / replay.seconds
     return [
@@ -134,24 +121,9 @@ def run(setup: Setup, n_tokens: int, console: Console) -> list[tuple[str, float,
         ("fit_tokens_per_s", fit_rate, f"tokens/s (whole fit call, {tokens:,} tokens)"),
         ("steps_tokens_per_s", steps_rate, "tokens/s (plain train_step calls)"),
         ("fit_overhead_s", fitted["seconds"] - tokens / steps_rate, "s (fit call minus its steps at the steady rate)"),
-        ("matmul_gflops_fit", (around_fit + after_fit) / 2, "GFLOP/s (around the fit call)"),
-        ("matmul_gflops_steps", (before + around_fit + after_fit + after) / 4, "GFLOP/s (around the plain steps)"),
+        ("matmul_gflops_fit", (before + between) / 2, "GFLOP/s (around the fit call)"),
+        ("matmul_gflops_steps", (between + after) / 2, "GFLOP/s (around the plain steps)"),
     ]
-
-
-def write_rows(out: Path, rows: list[tuple[str, float, str]], where: str) -> None:
-    """Merge into the `name,value,unit` CSV: rows of the same name are replaced, others kept."""
-    kept: list[list[str]] = []
-    if out.is_file():
-        with open(out, newline="") as handle:
-            kept = [row for row in csv.reader(handle)][1:]
-    new = [[name, f"{value:.6g}", unit] for name, value, unit in rows] + [["machine", where, "text"]]
-    names = {row[0] for row in new}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["name", "value", "unit"])
-        writer.writerows([row for row in kept if row and row[0] not in names] + new)
 
 
 def main(argv: list[str]) -> None:
@@ -167,7 +139,7 @@ def main(argv: list[str]) -> None:
     rows = run(setup, n_tokens, console)
     for name, value, unit in rows:
         console.print(f"  {name:<22} {value:>12,.4g}  {unit}", highlight=False)
-    write_rows(args.out, rows, machine())
+    merge_rows(args.out, [(name, f"{value:.6g}", unit) for name, value, unit in rows])
     console.print(f"wrote {args.out}")
 
 

@@ -161,7 +161,7 @@ def _same_runs(a, b):
     assert _step_rows(a) == _step_rows(b)
 
 
-def test_lockstep_training_gives_each_sae_its_own_fit_result(tmp_path):
+def test_lockstep_training_gives_each_sae_its_own_fit_result(tmp_path, monkeypatch):
     """Two SAEs (different data, variant and seed) trained one step each in turn come out bit for bit as when
     each is fitted alone; killed mid-run (their last checkpoints at different steps) and run again, too."""
     quiet = Console(quiet=True)
@@ -178,15 +178,14 @@ def test_lockstep_training_gives_each_sae_its_own_fit_result(tmp_path):
         trained.append(sae.spec.activation)
         return real_step(sae, *args, **kwargs)
 
-    train_mod.train_step = recording_step
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(train_mod, "train_step", recording_step)
         results = train_mod.fit_lockstep(jobs, torch.device("cpu"), quiet)
-    finally:
-        train_mod.train_step = real_step
     assert trained == ["topk", "batchtopk"] * 40  # one step of each in turn
     assert [result.steps_run for result in results] == [40, 40]
     for (_, _, ran_alone), (_, _, ran_together) in zip(alone, jobs):
         _same_runs(ran_alone, ran_together)
+    assert any(float(row["auxk_loss"]) > 0 for row in _step_rows(jobs[0][2]))  # dead latents were in play
 
     killed = [_planted_job(tmp_path, "killed-topk", "topk", seed=0),
               _planted_job(tmp_path, "killed-batchtopk", "batchtopk", seed=1, ckpt_every_steps=15)]
@@ -198,17 +197,15 @@ def test_lockstep_training_gives_each_sae_its_own_fit_result(tmp_path):
             raise _Killed()
         return real_step(*args, **kwargs)
 
-    train_mod.train_step = killed_in_step_25
-    try:
-        with pytest.raises(_Killed):
-            train_mod.fit_lockstep(killed, torch.device("cpu"), quiet)
-    finally:
-        train_mod.train_step = real_step
+    with monkeypatch.context() as patch, pytest.raises(_Killed):
+        patch.setattr(train_mod, "train_step", killed_in_step_25)
+        train_mod.fit_lockstep(killed, torch.device("cpu"), quiet)
     assert [read_metadata(run_dir / STATE_FILE)["step"] for _, _, run_dir in killed] == [20, 15]
     console = Console(file=io.StringIO(), width=200)
     results = train_mod.fit_lockstep(killed, torch.device("cpu"), console)
     assert [result.resumed_from for result in results] == [20, 15]
-    assert "resuming from step 20 of 40" in console.file.getvalue()
+    printed = console.file.getvalue()
+    assert "resuming from step 20 of 40" in printed and "resuming from step 15 of 40" in printed
     for (_, _, ran_alone), (_, _, resumed) in zip(alone, killed):
         _same_runs(ran_alone, resumed)
 
