@@ -7,7 +7,8 @@ downstream splices, ablation sparsity) and reads the child's peak resident memor
 (wait4's ru_maxrss). The row `eval_wide_peak_rss_mb` (name,value,unit) goes into `--out`
 (default bench/scale_results.csv), replacing an older row of that name.
 
-`--quick` runs a small version (n = 16,384, fewer downstream tokens) and writes nothing unless `--out` is given.
+`--quick` runs a small version (n = 16,384, 2,048 downstream tokens, 4 ablation positions, 1,024 refinement
+tokens) and writes nothing unless `--out` is given.
 A child whose memory passes `--rss-limit-mb` is killed and the row records the limit as a lower bound.
 """
 
@@ -100,12 +101,15 @@ def main(argv: list[str]) -> None:
                    f"cache.dir={work / 'activations'}", f"hydra.run.dir={work / 'eval'}"]
         if downstream_tokens:
             command.append(f"downstream_tokens={downstream_tokens}")
+        if args.quick:  # ablation forwards dominate the time on 2 cores
+            command += ["ablation_positions=4", "refine_tokens=1024"]
         began = time.perf_counter()
         peak, code, killed = peak_rss_of(command, args.rss_limit_mb, work / "eval.log")
         wall = time.perf_counter() - began
         if code != 0 and not killed:
             raise SystemExit(f"bench: saekit eval exited {code}:\n{(work / 'eval.log').read_text()[-3000:]}")
     budget = f", downstream_tokens={downstream_tokens}" if downstream_tokens else ""
+    budget += ", ablation_positions=4, refine_tokens=1024" if args.quick else ""
     unit = f"MiB (saekit eval, n={n}, stories260k d=64{budget}{', killed at the limit: lower bound' if killed else ''})"
     print(f"{ROW}: {peak:,.0f} {unit}; eval took {wall:.0f} s")
     if out is not None:

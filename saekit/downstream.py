@@ -96,7 +96,8 @@ def downstream_metrics(model, hook: str, windows: torch.Tensor, splice: Splice, 
         tokens = windows[start:start + batch_windows].to(model.device).long()
         batch = tokens.shape[0]
         stacked = tokens.repeat(len(VARIANTS), 1)
-        logits = model.bridge.run_with_hooks(stacked, fwd_hooks=[(hook, _variant_hook(splice, mean_act, batch, keep_first))])
+        # logits_with_hook holds the model's lock: a stream's background fill must not run hooks meanwhile.
+        logits = model.logits_with_hook(stacked, hook, _variant_hook(splice, mean_act, batch, keep_first))
         _score_variants(logits, stacked, batch, first_scored, totals)
         del logits
         if progress:
@@ -192,13 +193,13 @@ def ablation_sparsity(model, hook: str, sae, windows: torch.Tensor, n_positions:
         pos = int(torch.randint(first_position, last + 1, (1,), generator=generator))
         tokens = windows[row:row + 1].to(model.device).long()
         captured: dict = {}
-        clean_logits = model.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, _capture(captured))])[0]
+        clean_logits = model.logits_with_hook(tokens, hook, _capture(captured))[0]
         x_raw = captured["act"][0, pos].to(weights.device, weights.dtype)  # the SAE takes float32 from any model
         _, contributions = latent_contributions(sae, x_raw, chunk)
         end = min(pos + horizon, ctx)
         clean = clean_logits[pos:end].float()
         for part in contributions.to(model.device).split(chunk):
-            logits = model.bridge.run_with_hooks(tokens.repeat(part.shape[0], 1), fwd_hooks=[(hook, _ablation(pos, part))])
+            logits = model.logits_with_hook(tokens.repeat(part.shape[0], 1), hook, _ablation(pos, part))
             for diff in logits[:, pos:end].float() - clean:
                 score = ablation_sparsity_score(diff)
                 if score == score:  # a latent with no effect at all has no direction to score
