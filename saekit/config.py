@@ -21,7 +21,6 @@ DTYPES = ("float32", "float16", "bfloat16")
 NORMALIZATIONS = ("none", "scale", "layer_norm")
 DEAD_REMEDIES = ("auxk", "resample", "none")
 PRECISIONS = ("fp32", "tf32", "bf16")
-PENALTIES = ("l1", "sqrt_l1")
 CACHE_VERIFY = ("size", "full")
 CACHE_MODES = ("disk", "stream")
 SHUFFLES = ("auto", "global", "block")
@@ -105,45 +104,6 @@ class DataConfig:
             require(bool(self.paths), "data.paths is empty; give text files, e.g. data.paths=[/path/a.txt]")
         else:
             require(bool(self.hf_path), "data.hf_path is empty; name a HuggingFace dataset, e.g. data.hf_path=roneneldan/TinyStories")
-
-
-@dataclass
-class ActivationConfig:
-    """The SAE's activation function (a name in the registry, `saekit/sae/`) and its knobs."""
-
-    name: str = "topk"
-    """Registry name: relu, topk, multi_topk, batchtopk, jumprelu, prolu, gated."""
-    penalty: str = "l1"
-    """relu, prolu: sparsity penalty `l1` (lam * sum z_i ||d_i||) or `sqrt_l1` (lam * sum sqrt(z_i))."""
-    topk_on: str = "preact"
-    """topk, multi_topk: select the k largest of the pre-activations then ReLU (`preact`), or of ReLU(h) (`relu`)."""
-    learned_scale: bool = False
-    """Any activation: a learned per-latent scale s, z <- s * z (removes feature suppression)."""
-    multi_k_factor: int = 4
-    """multi_topk: the second term's k is multi_k_factor * k."""
-    multi_weight: float = 0.125
-    """multi_topk: weight of the second term, loss = L(k) + multi_weight * L(multi_k_factor * k)."""
-    threshold_decay: float = 0.99
-    """batchtopk: decay of the running mean of the smallest kept value (the inference threshold)."""
-    bandwidth: float = 0.1
-    """jumprelu: width of the rectangle kernel of the straight-through pseudo-gradients (see conf/activation/jumprelu.yaml)."""
-    init_threshold: float = 0.1
-    """jumprelu: initial threshold theta."""
-    threshold_lr_scale: float = 10.0
-    """jumprelu: learning-rate multiplier for log(theta) (Adam moves it by about lr per step)."""
-    grad_mode: str = "relu"
-    """prolu: synthetic bias gradient, `relu` (as if ReLU(m + b)) or `ste` (straight-through step derivative)."""
-
-    def __post_init__(self) -> None:
-        check_choice("activation.penalty", self.penalty, PENALTIES)
-        check_choice("activation.topk_on", self.topk_on, ("preact", "relu"))
-        check_choice("activation.grad_mode", self.grad_mode, ("relu", "ste"))
-        require(self.multi_k_factor >= 1, f"activation.multi_k_factor={self.multi_k_factor} must be >= 1")
-        require(self.multi_weight >= 0, f"activation.multi_weight={self.multi_weight} must be >= 0")
-        require(0 <= self.threshold_decay < 1, f"activation.threshold_decay={self.threshold_decay} must be in [0, 1)")
-        require(self.bandwidth > 0, f"activation.bandwidth={self.bandwidth} must be positive")
-        require(self.init_threshold > 0, f"activation.init_threshold={self.init_threshold} must be positive")
-        require(self.threshold_lr_scale > 0, f"activation.threshold_lr_scale={self.threshold_lr_scale} must be positive")
 
 
 @dataclass
@@ -372,7 +332,8 @@ class SiteConfig:
 class TrainConfig(SiteConfig):
     """`saekit train`: one SAE on one hook."""
 
-    activation: ActivationConfig = MISSING
+    activation: Any = MISSING
+    """The SAE variant's settings: its own config dataclass (saekit/sae/<variant>.py), chosen by `activation=<name>`."""
     dead: DeadConfig = MISSING
     optimizer: OptimizerConfig = MISSING
     init: InitConfig = field(default_factory=InitConfig)
@@ -413,10 +374,14 @@ class TrainConfig(SiteConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from saekit.sae.registry import as_variant_config
+
+        self.activation = as_variant_config(self.activation)
         check_choice("precision", self.precision, PRECISIONS)
         require(self.prefetch >= 0, f"prefetch={self.prefetch} must be >= 0 (0 turns prefetching off)")
         require(self.n > 0, f"n={self.n} must be positive")
         require(0 < self.k <= self.n, f"k={self.k} must be in 1..n (n={self.n}); lower k or raise n")
+        self.activation.check_run(self.n, self.k)
         require(self.lam >= 0, f"lam={self.lam} must be >= 0")
         require(self.n_tokens > 0, f"n_tokens={self.n_tokens} must be positive")
         require(self.batch_size > 0, f"batch_size={self.batch_size} must be positive")
@@ -496,11 +461,18 @@ class EvalConfig:
         require(self.refine_steps > 0, f"refine_steps={self.refine_steps} must be positive")
 
 
+def register_variant_schemas() -> None:
+    from saekit.sae import registry
+
+    registry.register_schemas()
+
+
 def register_schemas() -> None:
     """Register the schemas in Hydra's ConfigStore so `conf/` is validated against them."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    register_variant_schemas()
     cs.store(name="cache_schema", node=CacheCommandConfig)
     cs.store(name="eval_schema", node=EvalConfig)

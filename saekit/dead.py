@@ -101,8 +101,9 @@ def resample_dead_latents(sae: SparseAutoencoder, optimizer: torch.optim.Optimiz
     """Re-initialize every dead latent toward a high-loss input; returns the indices resampled.
 
     Decoder row = the input's unit direction from b_pre; encoder row = that direction with `encoder_frac` of
-    the mean alive encoder-row norm; bias 0; variant parameters (thresholds, gates, scales) reset; the Adam
-    moments of all of them zeroed so stale momentum does not undo the new directions.
+    the mean alive encoder-row norm; every other entry of the variant's per-latent table (bias, thresholds,
+    gates, scales) back to its reset value; the Adam moments of all of them zeroed so stale momentum does not
+    undo the new directions.
     """
     dead = dead_mask.nonzero().flatten()
     if dead.numel() == 0:
@@ -113,15 +114,17 @@ def resample_dead_latents(sae: SparseAutoencoder, optimizer: torch.optim.Optimiz
     alive_norm = float(sae.W_enc[alive].norm(dim=-1).mean()) if bool(alive.any()) else 1.0
     sae.W_dec[dead] = directions
     sae.W_enc[dead] = directions * alive_norm * encoder_frac
-    sae.b_enc[dead] = 0.0
     sae.reset_latents_(dead)
     _reset_adam_rows(sae, optimizer, dead)
     return dead
 
 
 def _reset_adam_rows(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, latents: torch.Tensor) -> None:
+    """Zero the Adam moments of `latents` in every parameter of the SAE's per-latent table."""
     params = dict(sae.named_parameters())
-    for name in sae.per_latent_parameters():
+    for name in sae.latent_table():
+        if name not in params:  # a per-latent buffer: no optimizer state
+            continue
         state = optimizer.state.get(params[name], {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:

@@ -21,9 +21,9 @@ import pandas as pd
 import torch
 from rich.console import Console
 
-from saekit.config import ActivationConfig, DataConfig, DeadConfig, InitConfig, ModelConfig, OptimizerConfig, TrainConfig
+from saekit.config import DataConfig, DeadConfig, InitConfig, ModelConfig, OptimizerConfig, TrainConfig
 from saekit.metrics import ReconstructionStats
-from saekit.sae import SparseAutoencoder
+from saekit.sae import SparseAutoencoder, variant_config
 from saekit.train import TrainingData, fit
 
 RECOVERY_COSINE = 0.9
@@ -103,7 +103,7 @@ def synthetic_train_config(activation: str, n: int, n_tokens: int, batch_size: i
     """A TrainConfig for in-memory data (the model and data fields only name the benchmark)."""
     return TrainConfig(
         model=ModelConfig(name="synthetic"), data=DataConfig(name="planted", paths=["<in memory>"], normalize="scale"),
-        activation=ActivationConfig(name=activation, **activation_knobs), dead=DeadConfig(method=dead),
+        activation=variant_config(activation, activation_knobs), dead=DeadConfig(method=dead),
         optimizer=OptimizerConfig(), init=InitConfig(), n=n, k=k, lam=lam, n_tokens=n_tokens, batch_size=batch_size,
         seed=seed, ckpt_every_steps=10**9, log_every_steps=10**9, device="cpu",
     )

@@ -248,15 +248,20 @@ def _training_evaluator(cfg: TrainConfig, cache: ActivationCache, models: ModelP
 
 def _trained_config(meta: dict) -> TrainConfig:
     """The TrainConfig saved in a checkpoint's metadata, nested dataclasses rebuilt."""
-    from saekit.config import ActivationConfig, DeadConfig, FinalEvalConfig, InitConfig, OptimizerConfig
+    from saekit.config import DeadConfig, FinalEvalConfig, InitConfig, OptimizerConfig
     from saekit.errors import DataError
+    from saekit.sae import variant_config
 
     saved = meta.get("train_config")
     if saved is None:
         raise DataError("ckpt: the checkpoint records no training config; evaluate a checkpoint written by saekit train")
-    types = {"model": ModelConfig, "data": DataConfig, "cache": CacheConfig, "activation": ActivationConfig,
-             "dead": DeadConfig, "optimizer": OptimizerConfig, "init": InitConfig, "final_eval": FinalEvalConfig}
-    return TrainConfig(**{**saved, **{key: kind(**saved.get(key, {})) for key, kind in types.items()}})
+    types = {"model": ModelConfig, "data": DataConfig, "cache": CacheConfig, "dead": DeadConfig,
+             "optimizer": OptimizerConfig, "init": InitConfig, "final_eval": FinalEvalConfig}
+    rebuilt = {key: kind(**saved.get(key, {})) for key, kind in types.items()}
+    # saekit 0.1 saved every variant's knobs in one activation block: keep those of this variant.
+    activation = dict(saved.get("activation", {}))
+    rebuilt["activation"] = variant_config(activation.get("name", "topk"), activation, strict=False)
+    return TrainConfig(**{**saved, **rebuilt})
 
 
 def evaluate(cfg: EvalConfig, run_dir: Path) -> pd.DataFrame:

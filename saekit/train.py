@@ -71,14 +71,10 @@ class TrainingData:
 
 
 def spec_from_config(cfg: TrainConfig, d: int) -> SAESpec:
-    act = cfg.activation
-    return SAESpec(
-        activation=act.name, d=d, n=cfg.n, k=cfg.k, lam=cfg.lam, penalty=act.penalty, topk_on=act.topk_on,
-        normalize=cfg.data.normalize, dead_method=cfg.dead.method, k_aux=cfg.dead.k_aux, aux_alpha=cfg.dead.aux_alpha,
-        learned_scale=act.learned_scale, multi_k_factor=act.multi_k_factor, multi_weight=act.multi_weight,
-        threshold_decay=act.threshold_decay, bandwidth=act.bandwidth, init_threshold=act.init_threshold,
-        threshold_lr_scale=act.threshold_lr_scale, grad_mode=act.grad_mode,
-    )
+    """The SAE's spec: run-level settings from the run, the variant's own settings passed through whole."""
+    return SAESpec(activation=cfg.activation.name, d=d, n=cfg.n, k=cfg.k, lam=cfg.lam, normalize=cfg.data.normalize,
+                   dead_method=cfg.dead.method, k_aux=cfg.dead.k_aux, aux_alpha=cfg.dead.aux_alpha,
+                   variant=cfg.activation)
 
 
 def config_fingerprint(cfg: TrainConfig, cache_key: str) -> str:

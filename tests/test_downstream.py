@@ -35,7 +35,7 @@ def windows(model):
 
 
 def random_sae(d=64, n=256, k=8, normalize="scale", activation="topk"):
-    sae = build_sae(SAESpec(activation=activation, d=d, n=n, k=k, normalize=normalize, lam=1.0))
+    sae = build_sae(SAESpec.build(activation, d=d, n=n, k=k, normalize=normalize, lam=1.0))
     sample = torch.randn(256, d, generator=torch.Generator().manual_seed(0))
     sae.initialize(sample, "zero", tied=True, scale_encoder=True, generator=torch.Generator().manual_seed(0))
     sae.input_scale.fill_(0.5)

@@ -70,7 +70,7 @@ def eval_rows(cache) -> torch.Tensor:
 
 def sae_for(cache, n: int, k: int = 8, activation: str = "topk", seed: int = 0):
     """An untrained SAE initialized on the real activations (encoder scaled to match reconstruction norms)."""
-    sae = build_sae(SAESpec(activation=activation, d=64, n=n, k=k, lam=1.0, normalize="scale"))
+    sae = build_sae(SAESpec.build(activation, d=64, n=n, k=k, lam=1.0, normalize="scale"))
     x = eval_rows(cache)
     sae.input_scale.fill_(64 ** 0.5 / float(x.norm(dim=1).mean()))
     generator = torch.Generator().manual_seed(seed)

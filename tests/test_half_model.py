@@ -37,7 +37,7 @@ def cache_dir(tmp_path_factory):
 
 
 def sae_on(x: torch.Tensor, n: int = 256, k: int = 8):
-    sae = build_sae(SAESpec(activation="topk", d=64, n=n, k=k, normalize="scale"))
+    sae = build_sae(SAESpec.build("topk", d=64, n=n, k=k, normalize="scale"))
     sae.input_scale.fill_(8.0 / float(x.norm(dim=1).mean()))
     sae.initialize(x[:512] * sae.input_scale, "zero", tied=True, scale_encoder=True,
                    generator=torch.Generator().manual_seed(0))

@@ -160,7 +160,7 @@ def test_batchtopk_counts_the_rows_it_could_not_recompute():
     wanting more than 2k latents is counted and reported on the next log step, once."""
     from saekit.sae import SAESpec, build_sae
 
-    sae = build_sae(SAESpec(activation="batchtopk", d=24, n=192, k=4, dead_method="none"))
+    sae = build_sae(SAESpec.build("batchtopk", d=24, n=192, k=4, dead_method="none"))
     sae.initialize(_heavy_batch(seed=0), "geometric_median", tied=False, scale_encoder=True,
                    generator=torch.Generator().manual_seed(0))
     sae.train()

@@ -14,7 +14,7 @@ from saekit.sae.topk import topk_activation
 
 
 def make_sae(activation="topk", d=16, n=64, k=4, **kw):
-    sae = build_sae(SAESpec(activation=activation, d=d, n=n, k=k, **kw))
+    sae = build_sae(SAESpec.build(activation, d=d, n=n, k=k, **kw))
     sample = torch.randn(512, d, generator=torch.Generator().manual_seed(1)) + 3.0
     sae.initialize(sample, "geometric_median", tied=True, scale_encoder=True, generator=torch.Generator().manual_seed(0))
     return sae

@@ -22,7 +22,7 @@ def sample(rows=512, seed=1):
 
 def make(activation, **spec):
     spec = {"k": 4, "lam": 0.3, **spec}
-    sae = build_sae(SAESpec(activation=activation, d=D, n=N, **spec))
+    sae = build_sae(SAESpec.build(activation, d=D, n=N, **spec))
     sae.initialize(sample(), "geometric_median", tied=True, scale_encoder=True, generator=torch.Generator().manual_seed(0))
     return sae
 

@@ -8,13 +8,14 @@ column `W_dec[:, i]`), the layout SAELens uses too.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saekit.sae.registry import LatentParam, VariantConfig, variant_config
 from saekit.sae.sparse import ChosenCodes, DeadSet, SparseCode, chunk_rows, decode_code, preact_values
 
 DeadLatentsArg = Optional["torch.Tensor | DeadSet"]
@@ -23,41 +24,62 @@ DeadLatentsArg = Optional["torch.Tensor | DeadSet"]
 
 @dataclass
 class SAESpec:
-    """Everything needed to rebuild an SAE from its weights (saved with every checkpoint)."""
+    """Everything needed to rebuild an SAE from its weights (saved with every checkpoint).
+
+    Run-level settings are fields; the variant's own settings are `variant`, the dataclass its file defines
+    (sae/registry.py). Checkpoints store both as one flat dict, as saekit 0.1 did, so old ones still load.
+    """
 
     activation: str
     d: int
     n: int
     k: int = 32
     lam: float = 0.0
-    penalty: str = "l1"
-    topk_on: str = "preact"
     normalize: str = "none"
     dead_method: str = "none"
     k_aux: Optional[int] = None
     aux_alpha: float = 1 / 32
-    learned_scale: bool = False
-    """A per-latent learned scale s, z ← s ⊙ σ(h) (the feature-suppression fix)."""
-    multi_k_factor: int = 4
-    multi_weight: float = 1 / 8
-    """Multi-TopK: loss L(k) + multi_weight · L(multi_k_factor · k)."""
-    threshold_decay: float = 0.99
-    """BatchTopK: decay of the running mean of the smallest kept value (the inference threshold)."""
-    bandwidth: float = 0.1
-    """JumpReLU: width ε of the rectangle kernel of the straight-through pseudo-gradients."""
-    init_threshold: float = 0.1
-    """JumpReLU: initial threshold θ."""
-    threshold_lr_scale: float = 10.0
-    """JumpReLU: learning-rate multiplier for log θ."""
-    grad_mode: str = "relu"
-    """ProLU: synthetic gradient for the bias, `relu` or `ste`."""
+    d_out: Optional[int] = None
+    """Transcoders: width of the predicted activation (None: an SAE, which reconstructs its input)."""
+    skip: bool = False
+    """Transcoders: a linear skip path W_skip (d_out × d)."""
+    variant: Optional[VariantConfig] = None
+    """The variant's settings (None: its defaults)."""
+
+    def __post_init__(self) -> None:
+        if self.variant is None:
+            self.variant = variant_config(self.activation)
+        elif not isinstance(self.variant, VariantConfig):
+            self.variant = variant_config(self.activation, dict(self.variant))
+        if self.variant.name != self.activation:
+            raise ValueError(f"SAESpec: variant settings of {self.variant.name!r} given for {self.activation!r}")
+
+    @classmethod
+    def run_fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.name != "variant")
+
+    @classmethod
+    def build(cls, activation: str, d: int, n: int, **settings) -> "SAESpec":
+        """A spec from flat keyword settings, each sorted into a run-level field or the variant's config
+        (`SAESpec.build("jumprelu", d=64, n=512, lam=0.1, bandwidth=0.05)`); unknown names are errors."""
+        run = {key: settings.pop(key) for key in list(settings) if key in cls.run_fields()}
+        return cls(activation=activation, d=d, n=n, variant=variant_config(activation, settings), **run)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        run = {name: getattr(self, name) for name in self.run_fields()}
+        knobs = {key: value for key, value in self.variant.knobs().items() if key != "name"}
+        return {**run, **knobs}
 
     @classmethod
     def from_dict(cls, data: dict) -> "SAESpec":
-        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
+        run = {key: data[key] for key in cls.run_fields() if key in data}
+        knobs = {key: value for key, value in data.items() if key not in run}
+        return cls(variant=variant_config(data["activation"], knobs, strict=False), **run)
+
+    @property
+    def d_output(self) -> int:
+        """Width of what the decoder produces: d_out for a transcoder, d for an SAE."""
+        return self.d_out if self.d_out is not None else self.d
 
     @property
     def effective_k_aux(self) -> int:
@@ -155,6 +177,7 @@ class SparseAutoencoder(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    Config: ClassVar[type] = VariantConfig
     topk_family: ClassVar[bool] = False
     # The variant implements `choose_codes`, so training can take the sparse path (sae/sparse.py).
     has_sparse_path: ClassVar[bool] = False
@@ -169,12 +192,17 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.W_dec = nn.Parameter(torch.zeros(n, d))
         self.b_pre = nn.Parameter(torch.zeros(d))
-        if spec.learned_scale:
+        if spec.variant.learned_scale:
             self.latent_scale = nn.Parameter(torch.ones(n))
         # Input normalization (SPEC 3): x is multiplied by input_scale before the SAE sees it.
         self.register_buffer("input_scale", torch.ones(()))
         # Train through the sparse path when the variant has one; False runs the dense reference.
         self.sparse_training = True
+
+    @property
+    def cfg(self) -> VariantConfig:
+        """The variant's own settings (its Config dataclass)."""
+        return self.spec.variant
 
     # ---- the variant's part -------------------------------------------------------------------
     def activate(self, h: torch.Tensor) -> torch.Tensor:
@@ -189,16 +217,24 @@ class SparseAutoencoder(nn.Module):
         """Loss terms that need the input as well (Multi-TopK's L(4k), Gated's auxiliary term)."""
         return {}
 
-    def per_latent_parameters(self) -> list[str]:
-        """Names of parameters whose first axis indexes latents (re-initialized when a latent is resampled)."""
-        names = ["W_enc", "b_enc", "W_dec"]
-        return names + (["latent_scale"] if self.spec.learned_scale else [])
+    def latent_table(self) -> dict[str, LatentParam]:
+        """Every parameter or buffer whose first axis indexes latents, with what a revived latent gets.
+
+        Resampling and the Adam-moment reset act on exactly these; a variant adding a per-latent tensor adds
+        its entry here (tests/test_conformance.py fails any n-sized tensor missing from the table).
+        """
+        table = {"W_enc": LatentParam(reset=None), "b_enc": LatentParam(reset=0.0), "W_dec": LatentParam(reset=None)}
+        if self.cfg.learned_scale:
+            table["latent_scale"] = LatentParam(reset=1.0)
+        return table
 
     @torch.no_grad()
     def reset_latents_(self, latents: torch.Tensor) -> None:
-        """Variant-specific parameters of resampled latents back to their initial values."""
-        if self.spec.learned_scale:
-            self.latent_scale[latents] = 1.0
+        """Every table entry with a reset value back to it for `latents` (the directions are the resampler's)."""
+        tensors = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        for name, entry in self.latent_table().items():
+            if entry.reset is not None:
+                tensors[name][latents] = entry.reset
 
     def param_groups(self) -> list[dict]:
         """Optimizer parameter groups; `lr_scale` multiplies the schedule's learning rate for a group."""
@@ -213,7 +249,7 @@ class SparseAutoencoder(nn.Module):
         return encoder_preacts(x, self.b_pre, self.W_enc, self.b_enc)
 
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.latent_scale if self.spec.learned_scale else z
+        return z * self.latent_scale if self.cfg.learned_scale else z
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale_latents(self.activate(self.pre_acts(x)))
@@ -270,7 +306,7 @@ class SparseAutoencoder(nn.Module):
         def reconstruct(code: SparseCode) -> tuple[SparseCode, torch.Tensor, torch.Tensor]:
             code = preact_values(code, x_centered, self.W_enc, self.b_enc)
             activations = F.relu(code.values)
-            if self.spec.learned_scale:
+            if self.cfg.learned_scale:
                 activations = activations * self.latent_scale[code.latents]
             return code, activations, decode_code(code, activations, self.W_dec) + self.b_pre
 
@@ -390,7 +426,7 @@ class SparseAutoencoder(nn.Module):
     def _code_norms(self, code: SparseCode) -> torch.Tensor:
         """||x̂ − b_pre|| per row of a sparse code (the TopK family's cheaper `_reconstruction_norms`)."""
         activations = F.relu(code.values)
-        if self.spec.learned_scale:
+        if self.cfg.learned_scale:
             activations = activations * self.latent_scale[code.latents]
         return decode_code(code, activations, self.W_dec).norm(dim=-1)
 

@@ -8,13 +8,15 @@ batch; `sae.eval()` (what evaluation and checkpoint loading use) applies θ.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from saekit.sae.base import Encoding, SAESpec, SparseAutoencoder
-from saekit.sae.registry import register
+from saekit.errors import require
+from saekit.sae.registry import VariantConfig, register
 from saekit.sae.sparse import ChosenCodes, DeadSet, aux_code, batch_top_entries, overflowing_rows, rank_preacts
 
 CANDIDATES_PER_K = 2
@@ -37,9 +39,20 @@ def threshold_activation(h: torch.Tensor, threshold: torch.Tensor) -> torch.Tens
     return h * (h > threshold)
 
 
+@dataclass
+class BatchTopKConfig(VariantConfig):
+    threshold_decay: float = 0.99
+    """Decay of the running mean of the smallest kept value (the inference threshold)."""
+
+    def check(self) -> None:
+        super().check()
+        require(0 <= self.threshold_decay < 1, f"activation.threshold_decay={self.threshold_decay} must be in [0, 1)")
+
+
 @register
 class BatchTopKSAE(SparseAutoencoder):
     name = "batchtopk"
+    Config = BatchTopKConfig
     topk_family = True
     homogeneous = True
     has_sparse_path = True
@@ -104,7 +117,7 @@ class BatchTopKSAE(SparseAutoencoder):
     def _record_smallest_kept(self, smallest: torch.Tensor) -> None:
         """θ ← decay·θ + (1 − decay)·(smallest kept value); the first batch sets θ directly; a batch that kept
         nothing (smallest = inf) leaves θ alone. Decided on the device: nothing is read back."""
-        decay = self.spec.threshold_decay
+        decay = self.cfg.threshold_decay
         kept = torch.isfinite(smallest)
         updated = torch.where(self.threshold_updates == 0, smallest, self.threshold * decay + (1 - decay) * smallest)
         self.threshold.copy_(torch.where(kept, updated, self.threshold))

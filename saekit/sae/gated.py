@@ -14,14 +14,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dataclasses import dataclass
+
+from saekit.errors import ConfigError
 from saekit.sae.base import Encoding, SAESpec, SparseAutoencoder, reconstruction_loss
-from saekit.sae.registry import register
-from saekit.sae.relu import l1_penalty
+from saekit.sae.registry import LatentParam, register
+from saekit.sae.relu import PenaltyConfig, l1_penalty
+
+
+@dataclass
+class GatedConfig(PenaltyConfig):
+    """The gate's penalty is the decoder-norm-weighted L1 of the paper; `penalty` admits only `l1`."""
+
+    def check(self) -> None:
+        super().check()
+        if self.penalty != "l1":
+            raise ConfigError(f"activation.penalty={self.penalty} is not supported by gated (its gate penalty is the "
+                              f"paper's L1); use activation.penalty=l1")
 
 
 @register
 class GatedSAE(SparseAutoencoder):
     name = "gated"
+    Config = GatedConfig
     homogeneous = True  # with zero biases both paths scale with W_gate
 
     def __init__(self, spec: SAESpec):
@@ -58,14 +73,8 @@ class GatedSAE(SparseAutoencoder):
         """π_mag: the magnitude each latent would report, whatever its gate says."""
         return self._paths(x)[1]
 
-    def per_latent_parameters(self) -> list[str]:
-        return super().per_latent_parameters() + ["r_mag", "b_mag"]
-
-    @torch.no_grad()
-    def reset_latents_(self, latents: torch.Tensor) -> None:
-        super().reset_latents_(latents)
-        self.r_mag[latents] = 0.0
-        self.b_mag[latents] = 0.0
+    def latent_table(self) -> dict[str, LatentParam]:
+        return {**super().latent_table(), "r_mag": LatentParam(reset=0.0), "b_mag": LatentParam(reset=0.0)}
 
     @torch.no_grad()
     def initialize(self, sample: torch.Tensor, b_pre: str, tied: bool, scale_encoder: bool,

@@ -10,11 +10,13 @@ The gradient w.r.t. h is H(h − θ) for the activation and 0 for the step.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from saekit.errors import require
 from saekit.sae.base import SAESpec, SparseAutoencoder
-from saekit.sae.registry import register
+from saekit.sae.registry import LatentParam, VariantConfig, register
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -64,38 +66,57 @@ def step(h: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Te
     return StepFunction.apply(h, threshold, bandwidth)
 
 
+@dataclass
+class JumpReLUConfig(VariantConfig):
+    bandwidth: float = 0.1
+    """Width ε of the rectangle kernel of the straight-through pseudo-gradients (conf/activation/jumprelu.yaml)."""
+    init_threshold: float = 0.1
+    """Initial threshold θ (also what a resampled latent's threshold is reset to)."""
+    threshold_lr_scale: float = 10.0
+    """Learning-rate multiplier for log θ (Adam moves it by about lr per step)."""
+
+    def check(self) -> None:
+        super().check()
+        require(self.bandwidth > 0, f"activation.bandwidth={self.bandwidth} must be positive")
+        require(self.init_threshold > 0, f"activation.init_threshold={self.init_threshold} must be positive")
+        require(self.threshold_lr_scale > 0, f"activation.threshold_lr_scale={self.threshold_lr_scale} must be positive")
+
+
 @register
 class JumpReLUSAE(SparseAutoencoder):
     name = "jumprelu"
+    Config = JumpReLUConfig
     homogeneous = True  # up to the small initial threshold
 
     def __init__(self, spec: SAESpec):
         super().__init__(spec)
-        self.log_threshold = torch.nn.Parameter(torch.full((spec.n,), math.log(spec.init_threshold)))
+        self.log_threshold = torch.nn.Parameter(torch.full((spec.n,), math.log(spec.variant.init_threshold)))
 
     @property
     def threshold(self) -> torch.Tensor:
         return self.log_threshold.exp()
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
-        return jumprelu(h, self.threshold, self.spec.bandwidth)
+        return jumprelu(h, self.threshold, self.cfg.bandwidth)
 
     def sparsity_loss(self, z: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        l0 = step(h, self.threshold, self.spec.bandwidth).sum(dim=-1).mean()
+        l0 = step(h, self.threshold, self.cfg.bandwidth).sum(dim=-1).mean()
         return {"sparsity": self.spec.lam * l0}
 
     def param_groups(self) -> list[dict]:
         """log θ moves by about lr per Adam step; `threshold_lr_scale` lets short runs reach useful thresholds."""
         others = [p for name, p in self.named_parameters() if name != "log_threshold"]
         return [{"params": others, "lr_scale": 1.0},
-                {"params": [self.log_threshold], "lr_scale": self.spec.threshold_lr_scale}]
+                {"params": [self.log_threshold], "lr_scale": self.cfg.threshold_lr_scale}]
 
-    def per_latent_parameters(self) -> list[str]:
-        return super().per_latent_parameters() + ["log_threshold"]
+    def latent_table(self) -> dict[str, LatentParam]:
+        # A revived latent starts from the initial threshold: one kept from a latent that never fired is
+        # typically far above every pre-activation, so the latent would stay dead.
+        return {**super().latent_table(), "log_threshold": LatentParam(reset=math.log(self.cfg.init_threshold))}
 
     @torch.no_grad()
     def initialize(self, sample: torch.Tensor, b_pre: str, tied: bool, scale_encoder: bool,
                    generator: torch.Generator) -> None:
-        self.log_threshold.fill_(math.log(self.spec.init_threshold))
+        self.log_threshold.fill_(math.log(self.cfg.init_threshold))
         super().initialize(sample, b_pre, tied, scale_encoder, generator)
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
+
+from saekit.errors import check_choice
 from saekit.sae.base import SparseAutoencoder
 from saekit.sae.registry import register
-from saekit.sae.relu import penalty
+from saekit.sae.relu import PenaltyConfig, penalty
 
 GRAD_MODES = ("relu", "ste")
 
@@ -41,9 +44,20 @@ def prolu(m: torch.Tensor, b: torch.Tensor, grad_mode: str = "relu") -> torch.Te
     return ProLUFunction.apply(m, b, grad_mode == "ste")
 
 
+@dataclass
+class ProLUConfig(PenaltyConfig):
+    grad_mode: str = "relu"
+    """Synthetic bias gradient: `relu` (as if ReLU(m + b)) or `ste` (straight-through step derivative)."""
+
+    def check(self) -> None:
+        super().check()
+        check_choice("activation.grad_mode", self.grad_mode, GRAD_MODES)
+
+
 @register
 class ProLUSAE(SparseAutoencoder):
     name = "prolu"
+    Config = ProLUConfig
     homogeneous = True
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,10 +65,10 @@ class ProLUSAE(SparseAutoencoder):
         return (x - self.b_pre) @ self.W_enc.T
 
     def activate(self, m: torch.Tensor) -> torch.Tensor:
-        return prolu(m, self.b_enc, self.spec.grad_mode)
+        return prolu(m, self.b_enc, self.cfg.grad_mode)
 
     def sparsity_loss(self, z: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"sparsity": self.spec.lam * penalty(z, self.W_dec, self.spec.penalty)}
+        return {"sparsity": self.spec.lam * penalty(z, self.W_dec, self.cfg.penalty)}
 
     def swap_preacts(self, x: torch.Tensor) -> torch.Tensor:
         """m where the bias gate is open, 0 elsewhere: the values this latent can report."""

@@ -9,9 +9,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from saekit.sae.base import SparseAutoencoder
-from saekit.sae.registry import register
+from dataclasses import dataclass
 
+from saekit.errors import check_choice
+from saekit.sae.base import SparseAutoencoder
+from saekit.sae.registry import VariantConfig, register
+
+PENALTIES = ("l1", "sqrt_l1")
 _SQRT_EPS = 1e-8  # keeps d/dz sqrt(z) finite at z = 0
 
 
@@ -30,13 +34,31 @@ def penalty(z: torch.Tensor, W_dec: torch.Tensor, kind: str) -> torch.Tensor:
     return l1_penalty(z, W_dec) if kind == "l1" else sqrt_penalty(z)
 
 
+@dataclass
+class PenaltyConfig(VariantConfig):
+    """Settings of the variants trained with an L1-type penalty (relu, prolu, gated)."""
+
+    penalty: str = "l1"
+    """Sparsity penalty: `l1` (lam * sum z_i ||d_i||) or `sqrt_l1` (lam * sum sqrt(z_i))."""
+
+    def check(self) -> None:
+        super().check()
+        check_choice("activation.penalty", self.penalty, PENALTIES)
+
+
+@dataclass
+class ReLUConfig(PenaltyConfig):
+    pass
+
+
 @register
 class ReLUSAE(SparseAutoencoder):
     name = "relu"
+    Config = ReLUConfig
     homogeneous = True
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
         return F.relu(h)
 
     def sparsity_loss(self, z: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"sparsity": self.spec.lam * penalty(z, self.W_dec, self.spec.penalty)}
+        return {"sparsity": self.spec.lam * penalty(z, self.W_dec, self.cfg.penalty)}

@@ -11,8 +11,11 @@ import torch.nn.functional as F
 
 from typing import Optional
 
+from dataclasses import dataclass
+
+from saekit.errors import check_choice
 from saekit.sae.base import SparseAutoencoder
-from saekit.sae.registry import register
+from saekit.sae.registry import VariantConfig, register
 from saekit.sae.sparse import ChosenCodes, DeadSet, SparseCode, aux_code, rank_preacts
 
 
@@ -26,18 +29,29 @@ def topk_activation(h: torch.Tensor, k: int, on: str = "preact") -> torch.Tensor
     return torch.zeros_like(h).scatter(-1, indices, F.relu(values))
 
 
+@dataclass
+class TopKConfig(VariantConfig):
+    topk_on: str = "preact"
+    """Select the k largest of the pre-activations then ReLU (`preact`), or of ReLU(h) (`relu`)."""
+
+    def check(self) -> None:
+        super().check()
+        check_choice("activation.topk_on", self.topk_on, ("preact", "relu"))
+
+
 @register
 class TopKSAE(SparseAutoencoder):
     name = "topk"
+    Config = TopKConfig
     topk_family = True
     homogeneous = True
     has_sparse_path = True
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
-        return topk_activation(h, self.spec.k, self.spec.topk_on)
+        return topk_activation(h, self.spec.k, self.cfg.topk_on)
 
     def rank(self, x_centered: torch.Tensor, m: int, dead: Optional[DeadSet], sorted: bool = False):
-        return rank_preacts(x_centered, self.W_enc, self.b_enc, m, self.spec.topk_on, sorted=sorted, dead=dead,
+        return rank_preacts(x_centered, self.W_enc, self.b_enc, m, self.cfg.topk_on, sorted=sorted, dead=dead,
                             k_aux=self.spec.effective_k_aux)
 
     def choose_codes(self, x_centered: torch.Tensor, dead: Optional[DeadSet]) -> ChosenCodes:
