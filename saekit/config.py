@@ -269,6 +269,9 @@ class SiteConfig:
     several hooks from one model pass."""
     hook: Any = None
     """Any transformer-lens hook name, or a list of them; overrides `layer` when set."""
+    hook_out: Optional[str] = None
+    """Transcoders: the hook whose activation y is predicted from the activation x at `hook` (e.g. an MLP's output
+    from its input); the cache then holds (x, y) pairs. None: an SAE, which reconstructs x."""
     device: str = "auto"
     """`auto` (CUDA when present), `cpu` or `cuda`."""
     seed: int = 0
@@ -292,6 +295,18 @@ class SiteConfig:
                     f"hook={self.hook} must be a hook name or a list of them (`saekit hooks` lists them)")
         names = self.hook_names
         require(len(set(names)) == len(names), f"hook/layer list {names} names a hook twice; list each once")
+        if self.hook_out is not None:
+            self._check_hook_out()
+
+    def _check_hook_out(self) -> None:
+        """A transcoder reads one hook and predicts another."""
+        require(isinstance(self.hook_out, str) and bool(self.hook_out),
+                f"hook_out={self.hook_out} must be one hook name (`saekit hooks` lists them), or null for an SAE")
+        require(not self.multi_hook, f"hook_out={self.hook_out} with the list {self.hook_names}: a transcoder reads one "
+                                     f"hook; give a single hook= (or layer=) with hook_out")
+        require(self.hook_out != self.hook_names[0],
+                f"hook_out={self.hook_out} is the hook the transcoder reads (hook={self.hook_names[0]}); name another "
+                f"hook, e.g. hook=blocks.2.ln2.hook_out hook_out=blocks.2.hook_mlp_out, or drop hook_out for an SAE")
 
     @property
     def hook_names(self) -> list[str]:
@@ -371,6 +386,8 @@ class TrainConfig(SiteConfig):
     """torch.compile the loss computation (CUDA mainly; the first steps pay for compiling)."""
     prefetch: int = 2
     """Batches gathered ahead of the training step in a background thread (pinned memory on CUDA); 0 turns it off."""
+    skip: bool = False
+    """Transcoders (hook_out set): add a linear skip path, ŷ = W_dec z + b_out + W_skip x (W_skip zero at init)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -379,6 +396,7 @@ class TrainConfig(SiteConfig):
         self.activation = as_variant_config(self.activation)
         check_choice("precision", self.precision, PRECISIONS)
         require(self.prefetch >= 0, f"prefetch={self.prefetch} must be >= 0 (0 turns prefetching off)")
+        self._check_transcoder()
         require(self.n > 0, f"n={self.n} must be positive")
         require(0 < self.k <= self.n, f"k={self.k} must be in 1..n (n={self.n}); lower k or raise n")
         self.activation.check_run(self.n, self.k)
@@ -398,6 +416,22 @@ class TrainConfig(SiteConfig):
         late = [step for step in resample_steps or [] if step >= self.n_steps]
         require(not late, f"dead.resample_steps={self.dead.resample_steps} has steps at or past the run's end "
                           f"(n_steps={self.n_steps}); use earlier steps")
+
+    def _check_transcoder(self) -> None:
+        """Settings a transcoder (hook_out set) does not support yet, refused before anything runs."""
+        require(not self.skip or self.hook_out is not None,
+                "skip=true adds a skip path to a transcoder, but hook_out is not set; set hook_out=<hook> (e.g. "
+                "hook=blocks.2.ln2.hook_out hook_out=blocks.2.hook_mlp_out) or drop skip")
+        if self.hook_out is None:
+            return
+        # getattr: a config built by hand may leave a group unset (MISSING); only set ones are checked.
+        require(getattr(self.cache, "mode", None) != "stream",
+                f"cache.mode=stream does not support transcoders (hook_out={self.hook_out}); use cache.mode=disk")
+        require(getattr(self.data, "normalize", None) != "layer_norm",
+                f"data.normalize=layer_norm cannot be undone on a transcoder's output (hook_out={self.hook_out}); use "
+                f"data.normalize=scale or none")
+        require(getattr(self.dead, "method", None) != "resample",
+                f"dead=resample is not supported for transcoders (hook_out={self.hook_out}); use dead=auxk or dead=none")
 
     @property
     def n_steps(self) -> int:
@@ -442,6 +476,9 @@ class EvalConfig:
     """Progressive codes: test-time JumpReLU(theta) values, one row each (with a theta column)."""
     progressive_delta_ce: bool = False
     """Progressive codes: also delta_ce (one downstream pass per value)."""
+    prefixes: list[int] = field(default_factory=list)
+    """Per-prefix rows: nmse and l0 decoding with only the first m latents, one row per m (a `prefix` column).
+    Empty: a Matryoshka SAE's own group boundaries, none for other SAEs."""
     refine_tokens: int = 4096
     """Shrinkage by refinement on this many held-out tokens; 0 turns it off."""
     refine_steps: int = 300

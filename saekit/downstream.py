@@ -4,6 +4,10 @@ The four variants of each batch of windows (clean, spliced, zero, mean) run as o
 4×-stacked batch, with one hook that rewrites the activation of each quarter. When the cache drops the BOS
 position (the SAE never saw it), BOS keeps its clean activation in every variant; `score_bos` decides whether
 the prediction made at the first position counts.
+
+Transcoders (`hook_out`): the model runs clean up to `hook_out`, whose activation is replaced by the prediction
+ŷ made from the clean activation x read at `hook` earlier in the same pass; zero and mean variants replace
+`hook_out`'s activation too. Ablation sparsity likewise removes a latent's contribution at `hook_out`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from saekit.errors import ConfigError
 
 VARIANTS = ("clean", "spliced", "zero", "mean")
 Splice = Callable[[torch.Tensor], torch.Tensor]  # (N, d) raw activations → (N, d) what goes back in
@@ -68,16 +74,20 @@ class DownstreamTotals:
                 "kl": self.kl / count}
 
 
-def _variant_hook(splice: Splice, mean_act: torch.Tensor, batch: int, keep_first: bool):
-    """Rewrite quarters 1..3 of a (4B, T, d) activation: spliced, zero, mean; quarter 0 stays clean."""
+def _variant_hook(splice: Splice, mean_act: torch.Tensor, batch: int, keep_first: bool,
+                  source: Optional[Callable[[], torch.Tensor]] = None):
+    """Rewrite quarters 1..3 of a (4B, T, d) activation: spliced, zero, mean; quarter 0 stays clean.
+
+    The splice reads the clean quarter of this activation, or (a transcoder) `source()`: the clean quarter's
+    (B, T', d_in) input read earlier in the pass."""
 
     def hook(act: torch.Tensor, hook=None) -> torch.Tensor:
         start = 1 if keep_first else 0
         out = act.clone()
-        clean = act[:batch, start:]
+        clean = act[:batch, start:] if source is None else source()
         flat = clean.reshape(-1, clean.shape[-1])
         # The model's dtype goes back in (a bfloat16 model rejects float32 activations).
-        out[batch:2 * batch, start:] = splice(flat).reshape(clean.shape).to(act.dtype)
+        out[batch:2 * batch, start:] = splice(flat).reshape(out[batch:2 * batch, start:].shape).to(act.dtype)
         out[2 * batch:3 * batch, start:] = 0.0
         out[3 * batch:, start:] = mean_act.to(act.dtype)
         return out
@@ -85,19 +95,46 @@ def _variant_hook(splice: Splice, mean_act: torch.Tensor, batch: int, keep_first
     return hook
 
 
+def _transcoder_hooks(hook: str, hook_out: str, splice: Splice, mean_act: torch.Tensor, batch: int,
+                      keep_first: bool) -> list[tuple[str, Callable]]:
+    """(hook, read x), (hook_out, write the variants): x is the clean quarter's activation at `hook`."""
+    start = 1 if keep_first else 0
+    held: dict[str, torch.Tensor] = {}
+
+    def read(act: torch.Tensor) -> torch.Tensor:
+        held["x"] = act[:batch, start:]
+        return act
+
+    def taken() -> torch.Tensor:
+        if "x" not in held:  # hook_out ran first: the pair was never checked (check_transcoder_hooks)
+            raise ConfigError(f"hook_out={hook_out} runs before hook={hook}; a transcoder predicts a later activation "
+                              f"from an earlier one")
+        return held.pop("x")
+
+    return [(hook, read), (hook_out, _variant_hook(splice, mean_act, batch, keep_first, taken))]
+
+
 @torch.no_grad()
 def downstream_metrics(model, hook: str, windows: torch.Tensor, splice: Splice, mean_act: torch.Tensor,
                        batch_windows: int = 16, keep_first: bool = True, score_bos: bool = False,
-                       progress: Optional[Callable[[int], None]] = None) -> dict[str, float]:
-    """ce_clean, ce_spliced, ce_zero, ce_mean, delta_ce, loss_recovered, kl over `windows` (N, T) of tokens."""
+                       progress: Optional[Callable[[int], None]] = None,
+                       hook_out: Optional[str] = None) -> dict[str, float]:
+    """ce_clean, ce_spliced, ce_zero, ce_mean, delta_ce, loss_recovered, kl over `windows` (N, T) of tokens.
+
+    With `hook_out` (a transcoder) `splice` maps the activations at `hook` to predictions at `hook_out`, where
+    they (and the zero and mean variants, `mean_act` being hook_out's mean) go in."""
     totals = DownstreamTotals()
     first_scored = 0 if score_bos else 1
     for start in range(0, windows.shape[0], batch_windows):
         tokens = windows[start:start + batch_windows].to(model.device).long()
         batch = tokens.shape[0]
         stacked = tokens.repeat(len(VARIANTS), 1)
-        # logits_with_hook holds the model's lock: a stream's background fill must not run hooks meanwhile.
-        logits = model.logits_with_hook(stacked, hook, _variant_hook(splice, mean_act, batch, keep_first))
+        # logits_with_hook(s) holds the model's lock: a stream's background fill must not run hooks meanwhile.
+        if hook_out is None:
+            logits = model.logits_with_hook(stacked, hook, _variant_hook(splice, mean_act, batch, keep_first))
+        else:
+            logits = model.logits_with_hooks(stacked, _transcoder_hooks(hook, hook_out, splice, mean_act, batch,
+                                                                        keep_first))
         _score_variants(logits, stacked, batch, first_scored, totals)
         del logits
         if progress:
@@ -139,7 +176,8 @@ ABLATION_CHUNK = 16
 
 @torch.no_grad()
 def latent_contributions(sae, x_raw: torch.Tensor, chunk: int = ABLATION_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """For one activation x_raw (d,): the active latents and each one's contribution to x̂ in raw space (A, d).
+    """For one activation x_raw (d,): the active latents and each one's contribution to x̂ in raw space (A, d)
+    (a transcoder's: to ŷ, in hook_out's space, (A, d_out)).
 
     Ablating latent i while keeping the reconstruction error means x_raw − contribution_i goes back in. The
     ablated codes are decoded `chunk` at a time, so A dense (n,) codes never exist at once.
@@ -147,13 +185,14 @@ def latent_contributions(sae, x_raw: torch.Tensor, chunk: int = ABLATION_CHUNK) 
     x, state = sae.normalize_input(x_raw[None])
     z = sae.encode(x)[0]
     active = z.nonzero().flatten()
-    full = sae.denormalize_output(sae.decode(z[None]), state)
+    full = sae.denormalize_output(sae.decode(z[None], x), state)
     parts = []
     for latents in active.split(chunk):
         ablated = z.repeat(latents.numel(), 1)
         ablated[torch.arange(latents.numel()), latents] = 0.0
         expanded_state = None if state is None else tuple(s.expand(latents.numel(), -1) for s in state)
-        parts.append(full - sae.denormalize_output(sae.decode(ablated), expanded_state))
+        decoded = sae.decode(ablated, x.expand(latents.numel(), -1))
+        parts.append(full - sae.denormalize_output(decoded, expanded_state))
     return active, torch.cat(parts) if parts else full[:0]
 
 
@@ -178,11 +217,14 @@ def _ablation(pos: int, contributions: torch.Tensor):
 
 @torch.no_grad()
 def ablation_sparsity(model, hook: str, sae, windows: torch.Tensor, n_positions: int = 32, horizon: int = 16,
-                      seed: int = 0, first_position: int = 1, chunk: int = ABLATION_CHUNK) -> dict[str, float]:
+                      seed: int = 0, first_position: int = 1, chunk: int = ABLATION_CHUNK,
+                      hook_out: Optional[str] = None) -> dict[str, float]:
     """Mean and quantiles of the ablation sparsity over every active latent at `n_positions` sampled positions.
 
-    The active latents of a position are ablated `chunk` per forward pass.
+    The active latents of a position are ablated `chunk` per forward pass. A transcoder reads x at `hook` and
+    its latents' contributions are removed from the clean activation at `hook_out` (its prediction error kept).
     """
+    ablated_at = hook_out or hook
     generator = torch.Generator().manual_seed(seed)
     ctx = windows.shape[1]
     last = max(first_position, ctx - horizon)
@@ -196,10 +238,12 @@ def ablation_sparsity(model, hook: str, sae, windows: torch.Tensor, n_positions:
         clean_logits = model.logits_with_hook(tokens, hook, _capture(captured))[0]
         x_raw = captured["act"][0, pos].to(weights.device, weights.dtype)  # the SAE takes float32 from any model
         _, contributions = latent_contributions(sae, x_raw, chunk)
+        if contributions.shape[0] == 0:  # no latent fires here (threshold SAEs): nothing to ablate
+            continue
         end = min(pos + horizon, ctx)
         clean = clean_logits[pos:end].float()
         for part in contributions.to(model.device).split(chunk):
-            logits = model.logits_with_hook(tokens.repeat(part.shape[0], 1), hook, _ablation(pos, part))
+            logits = model.logits_with_hook(tokens.repeat(part.shape[0], 1), ablated_at, _ablation(pos, part))
             for diff in logits[:, pos:end].float() - clean:
                 score = ablation_sparsity_score(diff)
                 if score == score:  # a latent with no effect at all has no direction to score

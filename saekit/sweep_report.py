@@ -32,9 +32,9 @@ def load_sweep(folder: Path) -> pd.DataFrame:
 
 
 def runs_table(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per ok run: its settings and its main metrics (progressive rows left out)."""
+    """One row per ok run: its settings and its main metrics (progressive and per-prefix rows left out)."""
     main = table[table["status"] == "ok"] if "status" in table else table
-    for column in ("k_prime", "theta"):
+    for column in ("k_prime", "theta", "prefix"):
         if column in main:
             main = main[main[column].isna()]
     wide = main.pivot_table(index="run_id", columns="metric", values="value", aggfunc="first")

@@ -68,8 +68,11 @@ def activation_caches(cfg: SiteConfig, n_tokens: int, models: Optional[ModelPool
 def run_facts(cfg: TrainConfig, hook: str, tokens: int) -> dict:
     """The id columns of the results table; k is empty for the λ-penalized family and λ for the TopK family."""
     topk_family = sae_class(cfg.activation.name).topk_family
-    return {"model": cfg.model.short_name, "hook": hook, "layer": cfg.hook_layer, "activation": cfg.activation.name,
-            "n": cfg.n, "k": cfg.k if topk_family else None, "lam": None if topk_family else cfg.lam, "tokens": tokens}
+    facts = {"model": cfg.model.short_name, "hook": hook, "layer": cfg.hook_layer, "activation": cfg.activation.name,
+             "n": cfg.n, "k": cfg.k if topk_family else None, "lam": None if topk_family else cfg.lam, "tokens": tokens}
+    if cfg.hook_out is not None:  # a transcoder: what it predicts, and whether it has a skip path
+        facts.update(hook_out=cfg.hook_out, skip=cfg.skip)
+    return facts
 
 
 @dataclass
@@ -201,7 +204,7 @@ def _finish_job(job: _Job, result, models: ModelPool) -> dict[str, float]:
     evaluation = _final_evaluation(cfg, result.sae, cache, models)
     metrics = {**evaluation.metrics, "dead_frac_train": result.dead_frac_train}
     run = {"run_id": job.run_id or run_dir.name, **run_facts(cfg, cache.manifest["hook"], cfg.n_steps * cfg.batch_size)}
-    write_table(result_frames(run, metrics, evaluation.progressive, cfg.overrides), run_dir)
+    write_table(result_frames(run, metrics, evaluation.progressive + evaluation.prefixes, cfg.overrides), run_dir)
     write_status(run_dir, "done", train_tokens_per_s=round(result.tokens_per_s, 1), epochs=round(result.epochs, 3),
                  wall_s=round(time.perf_counter() - job.started, 2))
     console.print(f"trained {result.steps_run} steps at {result.tokens_per_s:,.0f} tokens/s "
@@ -228,11 +231,12 @@ def _final_evaluation(cfg: TrainConfig, sae, cache: ActivationCache, models: Mod
 
 
 def result_frames(run: dict, metrics: dict, progressive: list[dict], context: dict) -> pd.DataFrame:
-    """The tidy table of one run: its metric rows, then one block per progressive-code value."""
+    """The tidy table of one run: its metric rows, then one block per progressive-code value or prefix (a
+    `k_prime`, `theta` or `prefix` column names the block)."""
     frames = [tidy_table(run, metrics, context)]
     for row in progressive:
         row = dict(row)
-        swept = {key: row.pop(key) for key in ("k_prime", "theta") if key in row}
+        swept = {key: row.pop(key) for key in ("k_prime", "theta", "prefix") if key in row}
         frames.append(tidy_table(run, row, {**swept, **context}))
     return pd.concat(frames, ignore_index=True)
 
@@ -295,20 +299,25 @@ def _evaluate_one(cfg: EvalConfig, ckpt: Path, device, models: ModelPool) -> tup
     trained = _trained_config(meta)
     # The model and hook it was trained on; the data too unless eval names other data.
     site = SiteConfig(model=trained.model, data=cfg.data if cfg.data is not None else trained.data, cache=cfg.cache,
-                      layer=trained.layer, hook=trained.hook, device=cfg.device, seed=trained.seed)
+                      layer=trained.layer, hook=trained.hook, hook_out=trained.hook_out, device=cfg.device,
+                      seed=trained.seed)
     # Evaluation reads only the held-out split: a full cache is used when there is one, else only that split is built.
     cache = activation_cache(site, trained.n_tokens, models, splits=("eval",))
     check_compatible(sae, cache, str(ckpt))
     model = None
     if cfg.downstream or cfg.ablation_positions > 0 or cfg.progressive_delta_ce:
         model = models.get(site.model)
-        model.check_hook(site.hook_name)
+        if site.hook_out is not None:
+            model.check_transcoder_hooks(site.hook_name, site.hook_out)
+        else:
+            model.check_hook(site.hook_name)
     evaluation = evaluate_checkpoint(sae, cache, cfg, device, model, site.hook_name, keep_first=excludes_bos(site.data))
     run = {"run_id": ckpt.parent.name, **run_facts(trained, cache.manifest["hook"], trained.n_steps * trained.batch_size)}
     context = {"ckpt": str(ckpt), "eval_data": site.data.name}
     print_summary(console, f"held-out metrics: {ckpt.parent.name} ({cache.n_acts('eval'):,} tokens, {site.data.name})",
                   run, evaluation.metrics)
-    return result_frames(run, evaluation.metrics, evaluation.progressive, context), latent_table(evaluation.stats), \
+    return result_frames(run, evaluation.metrics, evaluation.progressive + evaluation.prefixes, context), \
+        latent_table(evaluation.stats), \
         evaluation.stats
 
 
@@ -316,8 +325,10 @@ def cache(cfg: CacheCommandConfig, run_dir: Path) -> None:
     """Build (or reuse) the cache of every hook of cfg (one model pass for the missing ones) and say where."""
     for built in activation_caches(cfg, cfg.n_tokens):
         splits = built.manifest["splits"]
-        console.print(f"cache ready: {built.root} ({built.manifest['hook']})\n  train {splits['train']['n_acts']:,} "
-                      f"vectors, eval {splits['eval']['n_acts']:,} vectors, d={built.d}, {built.manifest['dtype']}",
+        site = built.hook if built.hook_out is None else f"pairs {built.hook} -> {built.hook_out}"
+        width = f"d={built.d}" if built.hook_out is None else f"d={built.d_in}+{built.d_out}"
+        console.print(f"cache ready: {built.root} ({site})\n  train {splits['train']['n_acts']:,} "
+                      f"vectors, eval {splits['eval']['n_acts']:,} vectors, {width}, {built.manifest['dtype']}",
                       highlight=False)
 
 

@@ -215,13 +215,27 @@ def evaluated(tmp_path_factory):
 
 @pytest.mark.parametrize("activation", VARIANTS)
 def test_saekit_eval_reports_every_metric(activation, evaluated):
-    rows = evaluated[(evaluated["activation"] == activation) & evaluated["k_prime"].isna()]
+    core = evaluated["k_prime"].isna() & (evaluated["prefix"].isna() if "prefix" in evaluated else True)
+    rows = evaluated[(evaluated["activation"] == activation) & core]
     values = rows.set_index("metric")["value"]
     for metric in ("nmse", "l0", "dead_frac", "delta_ce", "kl", "loss_recovered"):
         assert math.isfinite(values[metric]), metric
     assert 0 < values["nmse"] < 1.5 and values["l0"] > 0
     swapped = evaluated[(evaluated["activation"] == activation) & (evaluated["k_prime"] == 2)]
     assert swapped.set_index("metric")["value"]["l0"] <= 2
+
+
+def test_matryoshka_eval_adds_per_prefix_rows(evaluated):
+    rows = evaluated[(evaluated["activation"] == "matryoshka") & evaluated["prefix"].notna()]
+    nmse = rows[rows["metric"] == "nmse"].set_index("prefix")["value"].sort_index()
+    l0 = rows[rows["metric"] == "l0"].set_index("prefix")["value"].sort_index()
+    assert list(nmse.index) == [4, 8, 16, 32]  # n=32, k=4: doubling groups from n/16, those below k dropped
+    assert (nmse.diff().dropna() < 0).all(), nmse  # each prefix reconstructs better than the one inside it
+    assert (l0.diff().dropna() >= 0).all()
+    core = evaluated[(evaluated["activation"] == "matryoshka") & evaluated["prefix"].isna() & evaluated["k_prime"].isna()]
+    assert nmse[32] == pytest.approx(core.set_index("metric")["value"]["nmse"], rel=1e-6)  # the full prefix is the SAE
+    others = evaluated[(evaluated["activation"] != "matryoshka")]
+    assert others["prefix"].isna().all()  # other SAEs get prefix rows only when eval asks (prefixes=[...])
 
 
 def _one_line_error(capsys, overrides: list[str]) -> str:

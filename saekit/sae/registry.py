@@ -2,7 +2,7 @@
 
 A variant file holds a config dataclass (subclass of `VariantConfig`) and the SAE class, decorated with
 `@register`. Registering makes `activation=<name>` buildable, and gives Hydra the config's schema as
-`activation/<name>_schema`, which `conf/activation/<name>.yaml` lists in its defaults so that the variant's
+`schema/activation/<name>`, which `conf/activation/<name>.yaml` lists in its defaults so that the variant's
 knobs are typed and checked when the command line is composed.
 """
 
@@ -103,9 +103,9 @@ def as_variant_config(value: Any) -> VariantConfig:
 
 
 def register_schemas() -> None:
-    """Every variant's config as `activation/<name>_schema` in Hydra's ConfigStore (typed composition)."""
+    """Every variant's config as `schema/activation/<name>` in Hydra's ConfigStore (typed composition)."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
     for name, cls in REGISTRY.items():
-        store.store(group="activation", name=f"{name}_schema", node=cls.Config(name=name))
+        store.store(group="schema/activation", name=name, node=cls.Config(name=name))
