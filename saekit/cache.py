@@ -7,6 +7,12 @@ temporary folder and renamed into place only after its manifest (with every file
 written, so an interrupted build is never used. A file lock keeps parallel jobs from building one key twice.
 Several hooks of one model are cached from one forward pass (`ensure_caches`), each into its own folder.
 
+Transcoders (`hook_out` set) cache pairs: each row is [x | y], the activation at `hook` (d_in wide) followed by
+the one at `hook_out` (d_out wide) of the same token, both from one forward pass. The loader, its shuffles, the
+prefetcher and resuming see ordinary rows of width d_in + d_out; `ActivationCache.split` cuts them apart. The key
+names both hooks (an SAE cache of `hook` keeps its own key), and the manifest records d_in, d_out and the mean
+norm of each side (the transcoder's input and output scales).
+
 A cache is hashed once, when it is built: opening it checks the manifest and file sizes only (cheap at any
 size); `saekit cache verify <folder>` or `cache.verify=full` re-hashes every file.
 """
@@ -52,12 +58,14 @@ SPLITS = ("train", "eval")
 
 
 def cache_key(model_identity: dict, model_dtype: str, hook: str, fingerprint: dict, dtype: str, exclude_bos: bool,
-              splits: tuple[str, ...] = SPLITS) -> str:
+              splits: tuple[str, ...] = SPLITS, hook_out: Optional[str] = None) -> str:
     """Content address of a cache: sha256 over everything that decides its contents."""
     spec = {"format": CACHE_FORMAT, "model": model_identity, "model_dtype": model_dtype, "hook": hook,
             "data": fingerprint, "dtype": dtype, "exclude_bos": exclude_bos}
     if tuple(splits) != SPLITS:  # a cache of the held-out split only (streamed training); full caches keep their keys
         spec["splits"] = list(splits)
+    if hook_out is not None:  # transcoder pairs; an SAE cache keeps the key it always had
+        spec["hook_out"] = hook_out
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -86,7 +94,33 @@ class ActivationCache:
 
     @property
     def d(self) -> int:
+        """Width of a stored row (d_in + d_out for transcoder pairs)."""
         return int(self.manifest["d"])
+
+    @property
+    def hook(self) -> str:
+        return self.manifest["hook"]
+
+    @property
+    def hook_out(self) -> Optional[str]:
+        """The predicted hook of a transcoder cache; None for an SAE cache."""
+        return self.manifest.get("hook_out")
+
+    @property
+    def d_in(self) -> int:
+        """Width of the activation at `hook` (what an SAE or a transcoder reads)."""
+        return int(self.manifest.get("d_in", self.manifest["d"]))
+
+    @property
+    def d_out(self) -> Optional[int]:
+        """Width of the activation at `hook_out`; None for an SAE cache."""
+        return int(self.manifest["d_out"]) if self.manifest.get("d_out") is not None else None
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Rows (B, d) → (x (B, d_in), y (B, d_out)) for transcoder pairs; (rows, None) for an SAE cache."""
+        if self.d_out is None:
+            return rows, None
+        return rows[:, :self.d_in], rows[:, self.d_in:]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -192,19 +226,26 @@ class _ShardWriter:
 
     max_pending = 2
 
-    def __init__(self, folder: Path, split: str, shard_rows: int, dtype: torch.dtype):
+    def __init__(self, folder: Path, split: str, shard_rows: int, dtype: torch.dtype, d_in: Optional[int] = None):
         self.folder, self.split, self.shard_rows, self.dtype = folder, split, shard_rows, dtype
+        self.d_in = d_in
+        """Transcoder pairs: the input's width; the mean norms of rows[:, :d_in] and rows[:, d_in:] are kept apart."""
         self.pending: list[torch.Tensor] = []
         self.pending_rows = 0
         self.shards: list[dict] = []
         self.files: list[dict] = []
         self.sum_norm = 0.0
+        self.sum_norm_out = 0.0
         self.n_rows = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saekit-cache-writer")
         self._writes: list[Future] = []
 
     def add(self, rows: torch.Tensor) -> None:
-        self.sum_norm += float(rows.float().norm(dim=-1).double().sum())
+        if self.d_in is None:
+            self.sum_norm += float(rows.float().norm(dim=-1).double().sum())
+        else:
+            self.sum_norm += float(rows[:, :self.d_in].float().norm(dim=-1).double().sum())
+            self.sum_norm_out += float(rows[:, self.d_in:].float().norm(dim=-1).double().sum())
         self.n_rows += rows.shape[0]
         self.pending.append(rows.to(self.dtype).cpu())
         self.pending_rows += rows.shape[0]
@@ -264,12 +305,17 @@ def _check_space(console_print: Callable[[str], None], finals: dict[str, Path], 
 
 
 def _write_split(model, windows: torch.Tensor, writers: dict[str, _ShardWriter], exclude_bos: bool,
-                 batch_windows: int, progress: Optional[Callable[[int], None]]) -> None:
-    """One forward pass per batch of windows, up to the deepest hook; each hook's rows go to its writer."""
+                 batch_windows: int, progress: Optional[Callable[[int], None]],
+                 hook_out: Optional[str] = None) -> None:
+    """One forward pass per batch of windows, up to the deepest hook; each hook's rows go to its writer (with
+    `hook_out`, each row is [x | y]: the hook's activation then hook_out's, of the same token)."""
     hooks = list(writers)
+    wanted = hooks + ([hook_out] if hook_out is not None and hook_out not in hooks else [])
     for start in range(0, windows.shape[0], batch_windows):
         batch = windows[start:start + batch_windows].to(model.device)
-        for hook, acts in model.run_to_hooks(batch, hooks).items():
+        acts_at = model.run_to_hooks(batch, wanted)
+        for hook in hooks:
+            acts = acts_at[hook] if hook_out is None else torch.cat([acts_at[hook], acts_at[hook_out]], dim=-1)
             if exclude_bos:
                 acts = acts[:, 1:]
             writers[hook].add(acts.reshape(-1, acts.shape[-1]))
@@ -281,7 +327,10 @@ def build_cache(cfg: SiteConfig, model, final: Path, n_tokens: int,
                 console_print: Callable[[str], None] = print,
                 progress_factory: Optional[Callable] = None) -> None:
     """Run the model over the token windows and write the cache into `final`, atomically."""
-    model.check_hook(cfg.hook_name)
+    if cfg.hook_out is not None:
+        model.check_transcoder_hooks(cfg.hook_name, cfg.hook_out)
+    else:
+        model.check_hook(cfg.hook_name)
     windows = load_windows(cfg.data, model.tokenizer, model.bos_token_id, n_tokens)
     write_cache(cfg, model, windows, final, n_tokens, console_print, progress_factory)
 
@@ -303,7 +352,9 @@ def write_caches(cfg: SiteConfig, model, windows, finals: dict[str, Path], n_tok
     manifest is written; a failed build removes its temporary folders. Returns {hook: manifest}.
     """
     fingerprint = fingerprint if fingerprint is not None else data_fingerprint(cfg.data, n_tokens)
-    widths = {hook: model.hook_width(hook) for hook in finals}
+    d_out = model.hook_width(cfg.hook_out) if cfg.hook_out is not None else None
+    inputs = {hook: model.hook_width(hook) for hook in finals}
+    widths = {hook: width + (d_out or 0) for hook, width in inputs.items()}
     per_window = cfg.data.ctx_len - (1 if excludes_bos(cfg.data) else 0)
     split_windows = {split: getattr(windows, split) for split in splits}
     rows = sum(int(w.shape[0]) * per_window for w in split_windows.values())
@@ -315,7 +366,8 @@ def write_caches(cfg: SiteConfig, model, windows, finals: dict[str, Path], n_tok
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         started = time.perf_counter()
-        files, split_facts = _write_splits(cfg, model, split_windows, tmps, widths, progress_factory)
+        files, split_facts = _write_splits(cfg, model, split_windows, tmps, widths, progress_factory,
+                                           inputs if d_out is not None else None)
         elapsed = time.perf_counter() - started
         total_tokens = sum(w.numel() for w in split_windows.values())
         manifests = {}
@@ -327,6 +379,7 @@ def write_caches(cfg: SiteConfig, model, windows, finals: dict[str, Path], n_tok
                 "model": model.identity,
                 "model_name": model.name,
                 "hook": hook,
+                **({"hook_out": cfg.hook_out, "d_in": inputs[hook], "d_out": d_out} if d_out is not None else {}),
                 "d": widths[hook],
                 "dtype": cfg.cache.dtype,
                 "normalization": "none (raw activations; saekit normalizes at training time and stores the scale in the "
@@ -353,8 +406,10 @@ def write_caches(cfg: SiteConfig, model, windows, finals: dict[str, Path], n_tok
 
 
 def _write_splits(cfg: SiteConfig, model, split_windows: dict[str, torch.Tensor], tmps: dict[str, Path],
-                  widths: dict[str, int], progress_factory: Optional[Callable]) -> tuple[dict, dict]:
-    """Token files and activation shards of every split for every hook; returns ({hook: files}, {hook: splits})."""
+                  widths: dict[str, int], progress_factory: Optional[Callable],
+                  pair_inputs: Optional[dict[str, int]] = None) -> tuple[dict, dict]:
+    """Token files and activation shards of every split for every hook; returns ({hook: files}, {hook: splits}).
+    pair_inputs: transcoder pairs, {hook: d_in} (rows are [x | y] of cfg.hook_out)."""
     dtype = _TORCH_DTYPES[cfg.cache.dtype]
     element = torch.tensor([], dtype=dtype).element_size()
     files: dict[str, list] = {hook: [] for hook in tmps}
@@ -367,9 +422,10 @@ def _write_splits(cfg: SiteConfig, model, split_windows: dict[str, torch.Tensor]
                 files[hook].append(_write_tensor_file(tmp / f"tokens_{split}.safetensors", "tokens",
                                                       windows.to(torch.int32).contiguous()))
                 shard_rows = max(1, cfg.cache.shard_mb * 2**20 // (widths[hook] * element))
-                writers[hook] = _ShardWriter(tmp, split, shard_rows, dtype)
+                writers[hook] = _ShardWriter(tmp, split, shard_rows, dtype, (pair_inputs or {}).get(hook))
             try:
-                _write_split(model, windows, writers, excludes_bos(cfg.data), cfg.cache.batch_windows, advance)
+                _write_split(model, windows, writers, excludes_bos(cfg.data), cfg.cache.batch_windows, advance,
+                             cfg.hook_out if pair_inputs else None)
             except BaseException:
                 for writer in writers.values():
                     writer.abort()
@@ -380,6 +436,8 @@ def _write_splits(cfg: SiteConfig, model, split_windows: dict[str, torch.Tensor]
                 facts[hook][split] = {"n_acts": writer.n_rows, "n_tokens": int(windows.numel()),
                                       "n_windows": int(windows.shape[0]), "shards": writer.shards,
                                       "mean_norm": writer.sum_norm / max(writer.n_rows, 1)}
+                if writer.d_in is not None:  # the output side's mean norm, for its own scale
+                    facts[hook][split]["mean_norm_out"] = writer.sum_norm_out / max(writer.n_rows, 1)
     return files, facts
 
 
@@ -396,7 +454,8 @@ def cache_keys(cfg: SiteConfig, n_tokens: int, splits: tuple[str, ...] = SPLITS,
     memo = memo if memo is not None else HashMemo(Path(cfg.cache.dir).expanduser() / HASH_MEMO)
     identity = model_identity(cfg.model, memo)
     fingerprint = data_fingerprint(cfg.data, n_tokens, memo)
-    return {hook: cache_key(identity, cfg.model.dtype, hook, fingerprint, cfg.cache.dtype, excludes_bos(cfg.data), splits)
+    return {hook: cache_key(identity, cfg.model.dtype, hook, fingerprint, cfg.cache.dtype, excludes_bos(cfg.data),
+                            splits, cfg.hook_out)
             for hook in cfg.hook_names}
 
 
@@ -441,7 +500,10 @@ def ensure_caches(cfg: SiteConfig, n_tokens: int, load_model_fn: Callable[[], ob
         if missing:
             model = load_model_fn()
             for hook in missing:
-                model.check_hook(hook)
+                if cfg.hook_out is not None:
+                    model.check_transcoder_hooks(hook, cfg.hook_out)
+                else:
+                    model.check_hook(hook)
             windows = load_windows(cfg.data, model.tokenizer, model.bos_token_id, n_tokens)
             write_caches(cfg, model, windows, missing, n_tokens, console_print, progress_factory, splits, fingerprint)
             for hook, final in missing.items():

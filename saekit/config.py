@@ -302,8 +302,8 @@ class SiteConfig:
         """A transcoder reads one hook and predicts another."""
         require(isinstance(self.hook_out, str) and bool(self.hook_out),
                 f"hook_out={self.hook_out} must be one hook name (`saekit hooks` lists them), or null for an SAE")
-        require(not self.multi_hook, f"hook_out={self.hook_out} with the list {self.hook_names}: a transcoder reads one "
-                                     f"hook; give a single hook= (or layer=) with hook_out")
+        require(not self.multi_hook, f"hook_out={self.hook_out} with the list {self.hook_names}: a transcoder reads "
+                                     f"one hook; give a single hook= (or layer=) with hook_out")
         require(self.hook_out != self.hook_names[0],
                 f"hook_out={self.hook_out} is the hook the transcoder reads (hook={self.hook_names[0]}); name another "
                 f"hook, e.g. hook=blocks.2.ln2.hook_out hook_out=blocks.2.hook_mlp_out, or drop hook_out for an SAE")
@@ -431,7 +431,8 @@ class TrainConfig(SiteConfig):
                 f"data.normalize=layer_norm cannot be undone on a transcoder's output (hook_out={self.hook_out}); use "
                 f"data.normalize=scale or none")
         require(getattr(self.dead, "method", None) != "resample",
-                f"dead=resample is not supported for transcoders (hook_out={self.hook_out}); use dead=auxk or dead=none")
+                f"dead=resample is not supported for transcoders (hook_out={self.hook_out}); use dead=auxk or "
+                f"dead=none")
 
     @property
     def n_steps(self) -> int:

@@ -56,19 +56,52 @@ class LoadedModel:
     def tokenizer(self):
         return self.bridge.tokenizer
 
-    def check_hook(self, hook: str) -> None:
-        """Fail with the valid range when the hook or its layer is not in the model."""
+    def check_hook(self, hook: str, setting: str = "hook") -> None:
+        """Fail with the valid range when the hook or its layer is not in the model (`setting`: the config key
+        that named it, for the message)."""
         layer = hook_layer(hook)
         if layer is not None and layer >= self.n_layers:
+            named = f"layer={layer} (hook {hook})" if setting == "hook" else f"{setting}={hook} (layer {layer})"
             raise ConfigError(
-                f"layer={layer} (hook {hook}) is outside {self.name}, which has layers 0..{self.n_layers - 1}; "
-                f"pick a layer in that range"
+                f"{named} is outside {self.name}, which has layers 0..{self.n_layers - 1}; pick a layer in that range"
             )
         if hook not in self.bridge.hook_dict:
             raise ConfigError(
-                f"hook={hook} is not a hook point of {self.name}; use a transformer-lens name such as "
+                f"{setting}={hook} is not a hook point of {self.name}; use a transformer-lens name such as "
                 f"blocks.0.hook_resid_post (list them with `saekit hooks`)"
             )
+
+    def check_transcoder_hooks(self, hook: str, hook_out: str) -> None:
+        """A transcoder's pair: both hooks exist, they are distinct hook points, and `hook` runs first (its output
+        is spliced in at `hook_out` from the clean x, so x must be known by then)."""
+        self.check_hook(hook)
+        self.check_hook(hook_out, "hook_out")
+        if self.bridge.hook_dict[hook] is self.bridge.hook_dict[hook_out]:
+            raise ConfigError(f"hook_out={hook_out} is another name of hook={hook} (the same hook point); name a "
+                              f"different hook, e.g. the MLP's output blocks.L.hook_mlp_out for its input "
+                              f"blocks.L.ln2.hook_out")
+        order = self.hook_order([hook, hook_out])
+        if order.index(hook_out) < order.index(hook):
+            raise ConfigError(f"hook_out={hook_out} runs before hook={hook} in {self.name}'s forward pass; a "
+                              f"transcoder predicts a later activation from an earlier one: swap the two")
+
+    @torch.no_grad()
+    def hook_order(self, hooks: list[str]) -> list[str]:
+        """`hooks` in the order the forward pass reaches them (one tiny pass)."""
+        reached: list[str] = []
+
+        def recorder(name: str) -> Callable:
+            def record(act: torch.Tensor, hook=None) -> torch.Tensor:
+                if name not in reached:
+                    reached.append(name)
+                return act
+
+            return record
+
+        tokens = torch.full((1, 2), self.bos_token_id or 0, dtype=torch.long, device=self.device)
+        with self.lock:
+            self._run_hooked(tokens, [(name, recorder(name)) for name in hooks], stop_at_layer=None)
+        return reached + [name for name in hooks if name not in reached]
 
     def hook_width(self, hook: str) -> int:
         """Width of the activation at `hook`, read from one tiny forward pass."""
@@ -99,7 +132,7 @@ class LoadedModel:
         deepest = None if any(layer is None for layer in layers) else max(layers)
         stop = deepest + 1 if deepest is not None and deepest + 1 < self.n_layers else None
         with self.lock:
-            self.bridge.run_with_hooks(tokens, fwd_hooks=[(name, grabber(name)) for name in hooks], stop_at_layer=stop)
+            self._run_hooked(tokens, [(name, grabber(name)) for name in hooks], stop_at_layer=stop)
         missing = [name for name in hooks if name not in captured]
         if missing:
             raise ConfigError(f"hook={missing[0]} never ran in {self.name}'s forward pass; pick another hook "
@@ -109,10 +142,35 @@ class LoadedModel:
     @torch.no_grad()
     def logits_with_hook(self, tokens: torch.Tensor, hook: str, fn: Optional[Callable]) -> torch.Tensor:
         """Logits of a full forward pass, with `fn(act) -> act` replacing the activation at `hook`."""
-        with self.lock:
-            if fn is None:
+        if fn is None:
+            with self.lock:
                 return self.bridge(tokens)
-            return self.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, lambda act, hook=None: fn(act))])
+        return self.logits_with_hooks(tokens, [(hook, fn)])
+
+    @torch.no_grad()
+    def logits_with_hooks(self, tokens: torch.Tensor, hooks: list[tuple[str, Callable]]) -> torch.Tensor:
+        """Logits of a full forward pass with `fn(act) -> act` at each (hook, fn), applied in forward order (a
+        transcoder's splice reads x at one hook and replaces the activation at a later one)."""
+        with self.lock:
+            return self._run_hooked(tokens, [(name, _act_only(fn)) for name, fn in hooks])
+
+    def _run_hooked(self, tokens: torch.Tensor, fwd_hooks: list, **kwargs) -> torch.Tensor:
+        """`run_with_hooks`, with the bridge's refusal of a hook it cannot attach (e.g. `hook_mlp_in` while the
+        bridge keeps it switched off) as one line naming the hook."""
+        try:
+            return self.bridge.run_with_hooks(tokens, fwd_hooks=fwd_hooks, **kwargs)
+        except ValueError as exc:
+            if "cannot add hook" not in str(exc).lower():  # raised by the forward pass itself: not a hook problem
+                raise
+            names = ", ".join(name for name, _ in fwd_hooks)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"hook {names}: {self.name} cannot hook it ({first[:160]}); pick another hook "
+                              f"(`saekit hooks` lists them)") from exc
+
+
+def _act_only(fn: Callable) -> Callable:
+    """A transformer-lens hook (act, hook=…) from a function of the activation alone."""
+    return lambda act, hook=None: fn(act)
 
 
 def _local_identity(folder: Path, memo: Optional[HashMemo]) -> dict:

@@ -74,20 +74,31 @@ def refine_codes(W_dec: torch.Tensor, b_pre: torch.Tensor, x: torch.Tensor, z: t
 
 
 @torch.no_grad()
-def refinement_metrics(sae, x_raw: torch.Tensor, steps: int = 300) -> dict[str, float]:
+def refinement_metrics(sae, x_raw: torch.Tensor, steps: int = 300,
+                       y_raw: Optional[torch.Tensor] = None) -> dict[str, float]:
     """refine_ratio = Σ refined / Σ original over active latents; refine_mse_gain = 1 − mse_refined / mse_original.
 
     Both are computed in the SAE's (normalized) input space, on the values the decoder sees. Tokens are encoded
-    and refined a chunk at a time; only float64 totals are kept.
+    and refined a chunk at a time; only float64 totals are kept. A transcoder's codes (y_raw: its raw targets)
+    are refined towards y: the values fit y − decoder_offset(x), what the latents have to explain.
     """
     totals = torch.zeros(4, dtype=torch.float64, device=x_raw.device)  # Σ original, Σ refined, sse original, refined
-    for chunk in row_chunks(x_raw, sae.spec.n):
+    chunks = row_chunks(x_raw, sae.spec.n)
+    targets = row_chunks(y_raw, sae.spec.n) if y_raw is not None else [None] * len(chunks)
+    for chunk, y_chunk in zip(chunks, targets):
         x, _ = sae.normalize_input(chunk)
         z = sae.encode(x)
-        refined = refine_codes(sae.W_dec, sae.b_pre, x, z, steps)
+        if y_chunk is None:
+            target = x
+            refined = refine_codes(sae.W_dec, sae.b_pre, x, z, steps)
+        else:
+            target = sae.normalize_target(y_chunk)
+            residual = target - sae.decoder_offset(x)
+            refined = refine_codes(sae.W_dec, torch.zeros_like(residual[0]), residual, z, steps)
         active = z != 0
         totals += torch.stack([z[active].double().sum(), refined[active].double().sum(),
-                               (x - sae.decode(z)).double().pow(2).sum(), (x - sae.decode(refined)).double().pow(2).sum()])
+                               (target - sae.decode(z, x)).double().pow(2).sum(),
+                               (target - sae.decode(refined, x)).double().pow(2).sum()])
         del z, refined, active
     total, total_refined, sse_original, sse_refined = totals.tolist()
     return {"refine_ratio": total_refined / total if total > 0 else float("nan"),

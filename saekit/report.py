@@ -18,6 +18,8 @@ def tidy_table(run: dict[str, Any], metrics: dict[str, float], overrides: Option
     rows = []
     for metric, value in metrics.items():
         row = {column: run.get(column) for column in ID_COLUMNS}
+        # Further id facts the run carries (a transcoder's hook_out and skip) follow the SPEC's columns.
+        row.update({column: fact for column, fact in run.items() if column not in row})
         row.update(metric=metric, value=float(value))
         for key, override in (overrides or {}).items():
             if key not in row:  # swept id columns (k, n, lam, activation) already carry their value
@@ -52,7 +54,7 @@ def print_summary(console: Console, title: str, run: dict[str, Any], metrics: di
     table = Table(title=title, title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("model", "hook", "activation", "n", "k", "lam", "tokens"):
+    for key in ("model", "hook", "hook_out", "skip", "activation", "n", "k", "lam", "tokens"):
         if run.get(key) is not None:
             table.add_row(f"[dim]{key}[/dim]", f"[dim]{run[key]}[/dim]")
     for metric, value in metrics.items():

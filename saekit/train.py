@@ -53,11 +53,21 @@ class TrainingData:
     """Content key of the activations (a resumed run must see the same ones)."""
     mean_norm: float
     """Mean ||x|| of the raw training activations (for data.normalize=scale)."""
+    d_out: Optional[int] = None
+    """Transcoders: width of the target y; each batch row is then [x | y] (d + d_out wide). None: an SAE."""
+    mean_norm_out: Optional[float] = None
+    """Transcoders: mean ||y|| of the raw targets (the output side's scale)."""
 
     @classmethod
-    def from_tensor(cls, x: torch.Tensor, batch_size: int, seed: int, key: str) -> "TrainingData":
-        """Activations already in memory (synthetic benchmarks, notebooks); `key` names them for resuming."""
-        return cls(TensorBatches(x, batch_size, seed), x.shape[1], key, float(x.norm(dim=1).mean()))
+    def from_tensor(cls, x: torch.Tensor, batch_size: int, seed: int, key: str,
+                    y: Optional[torch.Tensor] = None) -> "TrainingData":
+        """Activations already in memory (synthetic benchmarks, notebooks); `key` names them for resuming.
+        With y (N, d_out) the data are a transcoder's (x, y) pairs."""
+        if y is None:
+            return cls(TensorBatches(x, batch_size, seed), x.shape[1], key, float(x.norm(dim=1).mean()))
+        rows = torch.cat([x.float(), y.float()], dim=1)
+        return cls(TensorBatches(rows, batch_size, seed), x.shape[1], key, float(x.norm(dim=1).mean()),
+                   y.shape[1], float(y.norm(dim=1).mean()))
 
     @classmethod
     def from_cache(cls, cache: ActivationCache, cfg: TrainConfig) -> "TrainingData":
@@ -67,14 +77,22 @@ class TrainingData:
         key = cache.manifest["key"]
         if batches.order_key != "global":
             key = f"{key}/{batches.order_key}"
-        return cls(batches, cache.d, key, cache.manifest["splits"]["train"]["mean_norm"])
+        train = cache.manifest["splits"]["train"]
+        return cls(batches, cache.d_in, key, train["mean_norm"], cache.d_out, train.get("mean_norm_out"))
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """A batch (B, d [+ d_out]) → (x (B, d), y (B, d_out) or None for an SAE)."""
+        if self.d_out is None:
+            return rows, None
+        return rows[:, :self.d], rows[:, self.d:]
 
 
-def spec_from_config(cfg: TrainConfig, d: int) -> SAESpec:
-    """The SAE's spec: run-level settings from the run, the variant's own settings passed through whole."""
+def spec_from_config(cfg: TrainConfig, d: int, d_out: Optional[int] = None) -> SAESpec:
+    """The SAE's spec: run-level settings from the run, the variant's own settings passed through whole; with
+    d_out a transcoder's (cfg.skip adds its skip path)."""
     return SAESpec(activation=cfg.activation.name, d=d, n=cfg.n, k=cfg.k, lam=cfg.lam, normalize=cfg.data.normalize,
                    dead_method=cfg.dead.method, k_aux=cfg.dead.k_aux, aux_alpha=cfg.dead.aux_alpha,
-                   variant=cfg.activation)
+                   d_out=d_out, skip=cfg.skip if d_out is not None else False, variant=cfg.activation)
 
 
 def config_fingerprint(cfg: TrainConfig, cache_key: str) -> str:
@@ -82,6 +100,9 @@ def config_fingerprint(cfg: TrainConfig, cache_key: str) -> str:
     settings = {key: value for key, value in dataclasses.asdict(cfg).items() if key not in _RESUME_IGNORED}
     if settings.get("precision") == "fp32":  # the default, left out so checkpoints from before the setting resume
         del settings["precision"]
+    for key, default in (("hook_out", None), ("skip", False)):  # likewise for an SAE's transcoder settings
+        if key in settings and settings[key] == default:
+            del settings[key]
     settings["activation_cache"] = cache_key
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -185,15 +206,20 @@ def initialize(sae: SparseAutoencoder, cfg: TrainConfig, data: TrainingData) -> 
     The sample (`init.n_sample_tokens` rows) is moved to where the SAE lives, and the geometric median and the
     encoder-scale encode run there in row chunks; the random directions come from a CPU generator seeded by
     `seed`, so a run initializes the same on every device.
+    A transcoder's output side (b_out, W_skip = 0, the encoder scale) is set from the same sample's targets.
     """
     device = sae.W_enc.device
     if cfg.data.normalize == "scale":
         # E||x|| = sqrt(d) after scaling; the scale is a buffer, so it is saved and undone on splicing.
         sae.input_scale.fill_(math.sqrt(sae.spec.d) / max(data.mean_norm, 1e-12))
-    raw = data.batches.sample(cfg.init.n_sample_tokens, seed=cfg.seed)
-    sample, _ = sae.normalize_input(raw.to(device))
+        if sae.transcoder:  # the target likewise: E||y|| = sqrt(d_out), undone before y's splice
+            sae.output_scale.fill_(math.sqrt(sae.spec.d_output) / max(data.mean_norm_out, 1e-12))
+    raw_x, raw_y = data.split(data.batches.sample(cfg.init.n_sample_tokens, seed=cfg.seed).to(device))
+    sample, _ = sae.normalize_input(raw_x)
     generator = torch.Generator().manual_seed(cfg.seed)
     sae.initialize(sample, cfg.init.b_pre, cfg.init.tied, cfg.init.scale_encoder, generator)
+    if sae.transcoder:
+        sae.initialize_output(sample, sae.normalize_target(raw_y), cfg.init.b_pre, cfg.init.scale_encoder)
 
 
 def _import_in_background(module: str) -> Optional[threading.Thread]:
@@ -213,7 +239,8 @@ def make_optimizer(sae: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Opti
                             eps=opt.eps, fused=fused)
 
 
-LossFunction = Callable[[torch.Tensor, Optional[torch.Tensor]], dict]
+LossFunction = Callable[..., dict]
+"""(x, dead) → loss terms, or (x, dead, y) for a transcoder (`SparseAutoencoder.loss_terms`)."""
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -231,9 +258,9 @@ def loss_function(sae: SparseAutoencoder, cfg: TrainConfig, device: torch.device
     if cfg.precision != "bf16":
         return terms
 
-    def bf16_terms(x: torch.Tensor, dead_mask: Optional[torch.Tensor]) -> dict:
+    def bf16_terms(x: torch.Tensor, dead_mask: Optional[torch.Tensor], *target: torch.Tensor) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            return terms(x, dead_mask)
+            return terms(x, dead_mask, *target)
 
     return bf16_terms
 
@@ -251,15 +278,16 @@ def matmul_precision(precision: str):
 
 def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                dead: DeadLatents, cfg: TrainConfig, lr: float,
-               loss_fn: Optional[LossFunction] = None) -> dict[str, torch.Tensor]:
+               loss_fn: Optional[LossFunction] = None, y: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """One optimizer step: loss, backward, decoder-gradient projection, clip, step, renormalize.
 
+    x: the normalized batch (B, d); y: a transcoder's normalized targets (B, d_out), None for an SAE.
     Nothing here reads a device value back, so on an accelerator the host queues the next step at once.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     dead_set = dead.dead_set(x.shape[0]) if cfg.dead.method == "auxk" else None
-    terms = (loss_fn or sae.loss_terms)(x, dead_set)
+    terms = (loss_fn or sae.loss_terms)(x, dead_set, *(() if y is None else (y,)))
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     if cfg.init.grad_projection:
@@ -284,6 +312,8 @@ def resample_steps(cfg: TrainConfig) -> set[int]:
 def resample(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, dead: DeadLatents, cfg: TrainConfig,
              data: TrainingData, step: int, device: torch.device) -> int:
     """Resample the latents dead after `step`, from inputs drawn by (seed, step) so a resumed run does the same."""
+    if sae.transcoder:  # resampling aims new latents at inputs the SAE reconstructs badly: no such inputs here
+        raise ConfigError("dead=resample is not supported for transcoders; use dead=auxk or dead=none")
     if not bool(dead.mask.any()):
         return 0
     seed = cfg.seed * 7919 + step
@@ -398,7 +428,7 @@ class Trainer:
         cfg, device = self.cfg, self.device
         # A process's first optimizer imports torch._dynamo (1-2 s): done while the SAE initializes.
         importing = _import_in_background("torch._dynamo")
-        self.sae = build_sae(spec_from_config(cfg, self.data.d)).to(device)
+        self.sae = build_sae(spec_from_config(cfg, self.data.d, self.data.d_out)).to(device)
         if initialized:
             initialize(self.sae, cfg, self.data)
         self.sae.train()
@@ -428,9 +458,11 @@ class Trainer:
         cfg = self.cfg
         if self._began is None:
             self._began = time.perf_counter()
-        x, _ = self.sae.normalize_input(batch)
+        x_raw, y_raw = self.data.split(batch)
+        x, _ = self.sae.normalize_input(x_raw)
+        y = None if y_raw is None else self.sae.normalize_target(y_raw)
         lr = learning_rate(cfg, self.data.d, step)
-        terms = train_step(self.sae, self.optimizer, x, self.dead, cfg, lr, self.loss_fn)
+        terms = train_step(self.sae, self.optimizer, x, self.dead, cfg, lr, self.loss_fn, y)
         # The first non-finite loss stays (else the latest), for the check on the next log or checkpoint step.
         self._loss_watch = torch.where(torch.isfinite(self._loss_watch), terms["loss"].detach().float(),
                                        self._loss_watch)

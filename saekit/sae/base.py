@@ -179,7 +179,8 @@ class SparseAutoencoder(nn.Module):
     name: ClassVar[str] = ""
     Config: ClassVar[type] = VariantConfig
     topk_family: ClassVar[bool] = False
-    # The variant implements `choose_codes`, so training can take the sparse path (sae/sparse.py).
+    # The variant implements `choose_codes` (sae/sparse.py) or overrides `sparse_loss_terms` (sae/active_set.py),
+    # so training can take the sparse path.
     has_sparse_path: ClassVar[bool] = False
     # σ(c·h) = c·σ(h) for c > 0: the encoder can then be rescaled at init to match reconstruction norms.
     homogeneous: ClassVar[bool] = False
@@ -190,12 +191,14 @@ class SparseAutoencoder(nn.Module):
         d, n = spec.d, spec.n
         self.W_enc = nn.Parameter(torch.zeros(n, d))
         self.b_enc = nn.Parameter(torch.zeros(n))
-        self.W_dec = nn.Parameter(torch.zeros(n, d))
+        self.W_dec = nn.Parameter(torch.zeros(n, spec.d_output))
         self.b_pre = nn.Parameter(torch.zeros(d))
         if spec.variant.learned_scale:
             self.latent_scale = nn.Parameter(torch.ones(n))
         # Input normalization (SPEC 3): x is multiplied by input_scale before the SAE sees it.
         self.register_buffer("input_scale", torch.ones(()))
+        if self.transcoder:
+            self._add_output_side(spec)
         # Train through the sparse path when the variant has one; False runs the dense reference.
         self.sparse_training = True
 
@@ -203,6 +206,23 @@ class SparseAutoencoder(nn.Module):
     def cfg(self) -> VariantConfig:
         """The variant's own settings (its Config dataclass)."""
         return self.spec.variant
+
+    @property
+    def transcoder(self) -> bool:
+        """Predicts another activation y (d_out wide) from its input x, instead of reconstructing x."""
+        return self.spec.d_out is not None
+
+    def _add_output_side(self, spec: SAESpec) -> None:
+        """A transcoder's output-side tensors (SPEC 2, Transcoders): b_out (d_out,) replaces b_pre in the decoder
+        (b_pre stays on the input side), W_skip (d_out, d) is the optional linear skip path, and output_scale
+        the target's normalization (undone before splicing, as input_scale is for an SAE)."""
+        if spec.normalize == "layer_norm":
+            # Undoing a per-token layer norm needs the output's own mean and std, unknown at inference.
+            raise ValueError("a transcoder cannot undo normalize='layer_norm' on its output; use 'scale' or 'none'")
+        self.b_out = nn.Parameter(torch.zeros(spec.d_out))
+        if spec.skip:
+            self.W_skip = nn.Parameter(torch.zeros(spec.d_out, spec.d))
+        self.register_buffer("output_scale", torch.ones(()))
 
     # ---- the variant's part -------------------------------------------------------------------
     def activate(self, h: torch.Tensor) -> torch.Tensor:
@@ -213,8 +233,9 @@ class SparseAutoencoder(nn.Module):
         """Named penalty terms added to the reconstruction loss (empty for the TopK family)."""
         return {}
 
-    def extra_terms(self, x: torch.Tensor, encoding: Encoding) -> dict[str, torch.Tensor]:
-        """Loss terms that need the input as well (Multi-TopK's L(4k), Gated's auxiliary term)."""
+    def extra_terms(self, x: torch.Tensor, encoding: Encoding, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss terms that need the input x (B, d) and the target y (B, d_output) as well (Multi-TopK's L(4k),
+        Gated's auxiliary term); y is x itself for an SAE. Decode with `self.decode(z, x)`."""
         return {}
 
     def latent_table(self) -> dict[str, LatentParam]:
@@ -259,12 +280,24 @@ class SparseAutoencoder(nn.Module):
         z = self.scale_latents(self.activate(h))
         return Encoding(z=z, h=h, penalties=self.sparsity_loss(z, h))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.W_dec + self.b_pre
+    def decode(self, z: torch.Tensor, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, n) latents → (B, d_output): z W_dec + `decoder_offset(x)` (x, the input, only a skip path reads)."""
+        return z @ self.W_dec + self.decoder_offset(x)
+
+    def decoder_offset(self, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """What the decoder adds to z W_dec: b_pre (d,) for an SAE; b_out (d_out,) for a transcoder, plus
+        x W_skipᵀ (B, d_out) with a skip path (x: the normalized input (B, d))."""
+        if not self.transcoder:
+            return self.b_pre
+        if not self.spec.skip:
+            return self.b_out
+        if x is None:
+            raise ValueError("a skip transcoder's output depends on its input: call decode(z, x)")
+        return torch.addmm(self.b_out, x, self.W_skip.T)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.encode(x)
-        return self.decode(z), z
+        return self.decode(z, x), z
 
     def choose_codes(self, x_centered: torch.Tensor, dead: Optional[DeadSet]) -> ChosenCodes:
         """The sparse path's selection for a batch (variants with `has_sparse_path`); nothing here needs grad."""
@@ -275,30 +308,52 @@ class SparseAutoencoder(nn.Module):
         device is allowed (steps themselves never wait on it)."""
         return []
 
-    def loss_terms(self, x: torch.Tensor, dead: DeadLatentsArg = None) -> dict[str, torch.Tensor]:
+    def loss_terms(self, x: torch.Tensor, dead: DeadLatentsArg = None,
+                   y: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Training loss and its named parts on a normalized batch x (B, d). `loss` is what is minimized.
+
+        y (B, d_out): a transcoder's normalized target, which every reconstruction term (and AuxK's error)
+        is measured against; None for an SAE, whose target is x itself.
 
         In training mode a variant with a sparse path takes it (same loss and gradients, O(k·d) per token
         beyond the encoder matmul); `sparse_training = False` forces this dense reference. Nothing here reads
-        a device value back to the host, so a step never waits on the accelerator.
+        a device value back to the host, so a step never waits on the accelerator (except the active-set
+        variants' sparse path, sae/active_set.py, whose codes have a data-dependent size). A `sparse_loss_terms`
+        that returns None (codes too dense for it to pay) hands the batch to this dense path.
         """
+        target = self._target(x, y)
         if self.training and self.sparse_training and self.has_sparse_path:
-            return self.sparse_loss_terms(x, dead)
+            # y only for a transcoder: an SAE's sparse path keeps its two-argument form.
+            terms = self.sparse_loss_terms(x, dead) if y is None else self.sparse_loss_terms(x, dead, y)
+            if terms is not None:
+                return terms
         encoding = self.encode_for_training(x)
-        x_hat = self.decode(encoding.z)
-        terms = {"mse": reconstruction_loss(x, x_hat)}
+        x_hat = self.decode(encoding.z, x)
+        terms = {"mse": reconstruction_loss(target, x_hat)}
         terms.update(encoding.penalties)
-        terms.update(self.extra_terms(x, encoding))
+        terms.update(self.extra_terms(x, encoding, target))
         if self.spec.dead_method == "auxk":
-            terms["auxk"] = self.auxk_loss(x, x_hat, encoding.h, dead)
+            terms["auxk"] = self.auxk_loss(target, x_hat, encoding.h, dead)
         terms["loss"] = sum(terms.values())
         active = (encoding.z != 0).detach()
         terms["l0"] = active.float().sum(dim=-1).mean()
         terms["fired"] = active.any(dim=0)
         return terms
 
-    def sparse_loss_terms(self, x: torch.Tensor, dead: DeadLatentsArg) -> dict[str, torch.Tensor]:
-        """`loss_terms` through the sparse path: the variant chooses entries, only those carry gradient."""
+    def _target(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        """What the loss compares the output with: y for a transcoder (required), x for an SAE."""
+        if self.transcoder and y is None:
+            raise ValueError("a transcoder's loss needs its target: loss_terms(x, dead, y)")
+        if not self.transcoder and y is not None:
+            raise ValueError("an SAE reconstructs its input: call loss_terms(x, dead) without y")
+        return x if y is None else y
+
+    def sparse_loss_terms(self, x: torch.Tensor, dead: DeadLatentsArg,
+                          y: Optional[torch.Tensor] = None) -> Optional[dict[str, torch.Tensor]]:
+        """`loss_terms` through the sparse path: the variant chooses entries, only those carry gradient.
+        y: a transcoder's target (None: x), as in `loss_terms`."""
+        target = self._target(x, y)
+        offset = self.decoder_offset(x)
         x_centered = x - self.b_pre
         dead = DeadSet.of(dead) if self.spec.dead_method == "auxk" else None
         chosen = self.choose_codes(x_centered.detach(), dead)
@@ -308,18 +363,18 @@ class SparseAutoencoder(nn.Module):
             activations = F.relu(code.values)
             if self.cfg.learned_scale:
                 activations = activations * self.latent_scale[code.latents]
-            return code, activations, decode_code(code, activations, self.W_dec) + self.b_pre
+            return code, activations, decode_code(code, activations, self.W_dec) + offset
 
         main, activations, x_hat = reconstruct(chosen.main)
-        terms = {"mse": reconstruction_loss(x, x_hat)}
+        terms = {"mse": reconstruction_loss(target, x_hat)}
         for name, (code, weight) in chosen.extra.items():
-            terms[name] = weight * reconstruction_loss(x, reconstruct(code)[2])
+            terms[name] = weight * reconstruction_loss(target, reconstruct(code)[2])
         if self.spec.dead_method == "auxk":
             terms["auxk"] = torch.zeros((), device=x.device)
             if chosen.aux is not None:
                 aux = preact_values(chosen.aux, x_centered, self.W_enc, self.b_enc)
                 error_hat = decode_code(aux, F.relu(aux.values), self.W_dec)
-                terms["auxk"] = dead.gate(self._auxk_from((x - x_hat).detach(), error_hat))
+                terms["auxk"] = dead.gate(self._auxk_from((target - x_hat).detach(), error_hat))
         terms["loss"] = sum(terms.values())
         active = activations.detach() != 0
         terms["l0"] = active.float().sum() / x.shape[0]
@@ -330,6 +385,8 @@ class SparseAutoencoder(nn.Module):
 
     def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor, h: torch.Tensor, dead: DeadLatentsArg) -> torch.Tensor:
         """α ||e − ê||² / ||e − mean(e)||², ê from the top-k_aux dead pre-activations (Gao et al. 2024, A.2).
+
+        x is the target (a transcoder's y), so e = x − x̂ is the error of what the SAE outputs.
 
         Exactly zero when no latent is dead. Ranked among the dead set's candidates, with those not dead scored
         −inf, so k_aux is fixed on the host (≤ the number of candidates) and no device value is read.
@@ -357,7 +414,14 @@ class SparseAutoencoder(nn.Module):
             return x * self.input_scale, None
         return x, None
 
+    def normalize_target(self, y: torch.Tensor) -> torch.Tensor:
+        """A transcoder's raw target (B, d_out) → what its loss compares with (`denormalize_output` undoes it)."""
+        return y * self.output_scale if self.spec.normalize == "scale" else y
+
     def denormalize_output(self, x_hat: torch.Tensor, state: Optional[tuple]) -> torch.Tensor:
+        """The SAE's output (B, d_output) back in the model's activation space (a transcoder's: y's space)."""
+        if self.transcoder:
+            return x_hat / self.output_scale if self.spec.normalize == "scale" else x_hat
         if self.spec.normalize == "layer_norm":
             mean, std = state
             return x_hat * std + mean
@@ -366,7 +430,8 @@ class SparseAutoencoder(nn.Module):
         return x_hat
 
     def reconstruct(self, x_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruction in the model's own activation space (what is spliced back), and the latents."""
+        """Reconstruction in the model's own activation space (what is spliced back; a transcoder's prediction
+        of y from x_raw (B, d)), and the latents."""
         x, state = self.normalize_input(x_raw)
         x_hat, z = self(x)
         return self.denormalize_output(x_hat, state), z
@@ -394,34 +459,55 @@ class SparseAutoencoder(nn.Module):
             self.b_pre.copy_(geometric_median(sample))
         else:
             self.b_pre.zero_()
-        self.W_dec.copy_(torch.randn(n, d, generator=generator))
+        self.W_dec.copy_(torch.randn(n, self.spec.d_output, generator=generator))
         self.normalize_decoder_()
-        if tied:
+        if tied and self.transcoder:
+            # A transcoder's decoder rows are directions of the output space: tying would read x along them,
+            # so its encoder rows are random unit directions of the input space instead.
+            rows = torch.randn(n, d, generator=generator)
+            self.W_enc.copy_(rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-8))
+        elif tied:
             self.W_enc.copy_(self.W_dec)
         else:
             bound = 1 / math.sqrt(d)
             self.W_enc.copy_(torch.rand(n, d, generator=generator) * 2 * bound - bound)
         self.b_enc.zero_()
-        if scale_encoder and self.homogeneous:
+        # A transcoder's encoder scale is matched to its targets, in `initialize_output`.
+        if scale_encoder and self.homogeneous and not self.transcoder:
             self._match_reconstruction_norms(sample)
 
     @torch.no_grad()
-    def _match_reconstruction_norms(self, sample: torch.Tensor) -> None:
-        """Scale W_enc so that E||x̂ − b_pre|| = E||x − b_pre|| on the sample (exact for homogeneous σ, b_enc = 0).
+    def initialize_output(self, sample: torch.Tensor, target: torch.Tensor, b_out: str, scale_encoder: bool) -> None:
+        """A transcoder's output side, after `initialize`, from normalized inputs (N, d) and targets (N, d_out):
+        b_out as b_pre is set on the inputs (`b_out`: geometric_median or zero), W_skip = 0 (the skip path starts
+        silent), and the encoder scaled so that E||ŷ − b_out|| = E||y − b_out|| on the sample."""
+        self.b_out.copy_(geometric_median(target) if b_out == "geometric_median" else torch.zeros_like(self.b_out))
+        if self.spec.skip:
+            self.W_skip.zero_()
+        if scale_encoder and self.homogeneous:
+            self._match_reconstruction_norms(sample, target)
+
+    @torch.no_grad()
+    def _match_reconstruction_norms(self, sample: torch.Tensor, target: Optional[torch.Tensor] = None) -> None:
+        """Scale W_enc so that E||x̂ − b_pre|| = E||x − b_pre|| on the sample (exact for homogeneous σ and
+        b_enc = 0); for a transcoder E||ŷ − b_out|| = E||y − b_out|| on its targets (W_skip is still 0).
 
         Without it a tied ReLU SAE starts with reconstructions about n/(2d) times too large (32x at n = 4096,
         d = 64), which short runs never recover from.
         """
-        centered = sum((piece - self.b_pre).norm(dim=-1).double().sum() for piece in sample.split(2**16))
+        goal, center = (sample, self.b_pre) if target is None else (target, self.b_out)
+        centered = sum((piece - center).norm(dim=-1).double().sum() for piece in goal.split(2**16))
         recon_norm = self._reconstruction_norms(sample).double().sum()
         if recon_norm > 0:
             self.W_enc.mul_((centered / recon_norm).float())
 
     @torch.no_grad()
     def _reconstruction_norms(self, sample: torch.Tensor) -> torch.Tensor:
-        """(N,) ||x̂ − b_pre|| of the sample's reconstructions, in row chunks (bounded memory at any N and n)."""
+        """(N,) ||x̂ − decoder_offset|| (b_pre for an SAE) of the sample's reconstructions, in row chunks
+        (bounded memory at any N and n)."""
         rows = chunk_rows(self.spec.n, sample.device)
-        return torch.cat([(self.decode(self.encode(piece)) - self.b_pre).norm(dim=-1) for piece in sample.split(rows)])
+        return torch.cat([(self.decode(self.encode(piece), piece) - self.decoder_offset(piece)).norm(dim=-1)
+                          for piece in sample.split(rows)])
 
     def _code_norms(self, code: SparseCode) -> torch.Tensor:
         """||x̂ − b_pre|| per row of a sparse code (the TopK family's cheaper `_reconstruction_norms`)."""

@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from dataclasses import dataclass
+from typing import Optional
 
 from saekit.errors import ConfigError
-from saekit.sae.base import Encoding, SAESpec, SparseAutoencoder, reconstruction_loss
+from saekit.sae import active_set
+from saekit.sae.base import DeadLatentsArg, Encoding, SAESpec, SparseAutoencoder, reconstruction_loss
 from saekit.sae.registry import LatentParam, register
 from saekit.sae.relu import PenaltyConfig, l1_penalty
 
@@ -38,6 +40,7 @@ class GatedSAE(SparseAutoencoder):
     name = "gated"
     Config = GatedConfig
     homogeneous = True  # with zero biases both paths scale with W_gate
+    has_sparse_path = True
 
     def __init__(self, spec: SAESpec):
         super().__init__(spec)
@@ -65,9 +68,15 @@ class GatedSAE(SparseAutoencoder):
         return Encoding(z=z, h=pi_gate, penalties={"sparsity": self.spec.lam * l1_penalty(gate_acts, self.W_dec)},
                         parts={"gate_acts": gate_acts})
 
-    def extra_terms(self, x: torch.Tensor, encoding: Encoding) -> dict[str, torch.Tensor]:
-        frozen = encoding.parts["gate_acts"] @ self.W_dec.detach() + self.b_pre.detach()
-        return {"gate_aux": reconstruction_loss(x, frozen)}
+    def extra_terms(self, x: torch.Tensor, encoding: Encoding, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        # The whole decoder is frozen here: for a transcoder that includes b_out and the skip path.
+        frozen = encoding.parts["gate_acts"] @ self.W_dec.detach() + self.decoder_offset(x).detach()
+        return {"gate_aux": reconstruction_loss(y, frozen)}
+
+    def sparse_loss_terms(self, x: torch.Tensor, dead: DeadLatentsArg,
+                          y: Optional[torch.Tensor] = None) -> Optional[dict[str, torch.Tensor]]:
+        """Through the gate's support π_gate > 0 (sae/active_set.py); None (the dense path) while it is dense."""
+        return active_set.gated_terms(self, x, dead, y)
 
     def swap_preacts(self, x: torch.Tensor) -> torch.Tensor:
         """π_mag: the magnitude each latent would report, whatever its gate says."""

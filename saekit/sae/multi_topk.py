@@ -41,9 +41,9 @@ class MultiTopKSAE(TopKSAE):
     def wide_k(self) -> int:
         return min(self.cfg.multi_k_factor * self.spec.k, self.spec.n)
 
-    def extra_terms(self, x: torch.Tensor, encoding: Encoding) -> dict[str, torch.Tensor]:
+    def extra_terms(self, x: torch.Tensor, encoding: Encoding, y: torch.Tensor) -> dict[str, torch.Tensor]:
         z_wide = self.scale_latents(topk_activation(encoding.h, self.wide_k, self.cfg.topk_on))
-        return {"multi_topk": self.cfg.multi_weight * reconstruction_loss(x, self.decode(z_wide))}
+        return {"multi_topk": self.cfg.multi_weight * reconstruction_loss(y, self.decode(z_wide, x))}
 
     def choose_codes(self, x_centered: torch.Tensor, dead: Optional[DeadSet]) -> ChosenCodes:
         # One ranking of the wide_k largest, sorted, serves both terms: its first k columns are TopK(k).

@@ -45,7 +45,7 @@ class SwappedActivation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.encode(x)
-        return self.sae.decode(z), z
+        return self.sae.decode(z, x), z
 
     def reconstruct(self, x_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, state = self.sae.normalize_input(x_raw)
