@@ -3,8 +3,8 @@
 Adding a variant is one file in saekit/sae/ and one YAML in conf/activation/; this suite is the check that it
 is complete: it trains on real stories260k activations with finite loss terms, round-trips through a
 checkpoint, lists every per-latent tensor in its table, is revived by resampling, swaps its activation at test
-time, takes the same loss and gradients on its fast path as on the dense reference, is evaluated by
-`saekit eval`, and refuses a bad setting in one line.
+time, takes the same loss and gradients on its fast path as on the dense reference (as an SAE and as a skip
+transcoder), is evaluated by `saekit eval`, and refuses a bad setting in one line.
 """
 
 from __future__ import annotations
@@ -195,6 +195,56 @@ def test_fast_path_equals_the_dense_reference(activation, learned_scale, activat
     assert set(fast_grads) == set(dense_grads)
     for name, grad in dense_grads.items():
         assert torch.allclose(fast_grads[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()) + 1e-12), name
+
+
+def fresh_skip_transcoder(activation: str, x: torch.Tensor, y: torch.Tensor, **settings):
+    """An initialized skip transcoder of `activation` (d_in = 64 → d_out = 40), moved off its init a little."""
+    settings = {"k": K, "lam": 0.3, "dead_method": "auxk", "k_aux": 16, **settings}
+    sae = build_sae(SAESpec.build(activation, d=D, n=N, d_out=y.shape[1], skip=True, **settings))
+    generator = torch.Generator().manual_seed(0)
+    sae.initialize(x, "geometric_median", tied=True, scale_encoder=True, generator=generator)
+    sae.initialize_output(x, y, "geometric_median", scale_encoder=True)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        sae.W_skip.normal_(0, 0.02, generator=torch.Generator().manual_seed(2))  # so the skip path carries gradient
+    return sae.train()
+
+
+def transcoder_pair(activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y): normalized real activations and a fixed nonlinear function of them as the target (d_out = 40)."""
+    x = activations[:640] * (math.sqrt(D) / float(activations.norm(dim=1).mean()))
+    mix = torch.randn(D, 40, generator=torch.Generator().manual_seed(3)) / math.sqrt(D)
+    return x, torch.tanh(x @ mix) * 2
+
+
+@pytest.mark.parametrize("activation", VARIANTS)
+def test_every_variant_trains_as_a_skip_transcoder_with_the_same_gradients_on_both_paths(activation, activations,
+                                                                                       monkeypatch):
+    monkeypatch.setattr(sparse, "_CPU_CHUNK_ELEMENTS", 128 * N)
+    x, y = transcoder_pair(activations)
+    sae = fresh_skip_transcoder(activation, x, y)
+    dead = torch.zeros(N, dtype=torch.bool)
+    dead[::3] = True
+    results = {}
+    for fast in ([False, True] if REGISTRY[activation].has_sparse_path else [False]):
+        sae.sparse_training = fast
+        sae.zero_grad(set_to_none=True)
+        terms = sae.loss_terms(x, dead, y)
+        terms["loss"].backward()
+        results[fast] = (terms, {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None})
+    dense_terms, dense_grads = results[False]
+    assert all(bool(torch.isfinite(v).all()) for v in dense_terms.values() if v.dtype != torch.bool)
+    assert float(dense_grads["W_skip"].abs().max()) > 0 and float(dense_grads["b_out"].abs().max()) > 0
+    if True in results:
+        fast_terms, fast_grads = results[True]
+        for name, value in dense_terms.items():
+            if value.dtype == torch.bool:
+                assert torch.equal(fast_terms[name], value), name
+            else:
+                assert torch.allclose(fast_terms[name], value, rtol=1e-5, atol=1e-6), name
+        assert set(fast_grads) == set(dense_grads)
+        for name, grad in dense_grads.items():
+            assert torch.allclose(fast_grads[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()) + 1e-12), name
 
 
 @pytest.fixture(scope="module")
