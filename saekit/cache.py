@@ -19,11 +19,13 @@ size); `saekit cache verify <folder>` or `cache.verify=full` re-hashes every fil
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import time
@@ -283,7 +285,15 @@ class _ShardWriter:
 
 def _write_tensor_file(path: Path, name: str, tensor: torch.Tensor) -> dict:
     """Write one safetensors file and describe it for the manifest (size and sha256)."""
-    save_file({name: tensor}, str(path))
+    try:
+        save_file({name: tensor}, str(path))
+    except OSError:
+        raise
+    except Exception as exc:  # safetensors reports the file system's refusal as text: "... (os error 28) ..."
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
@@ -473,8 +483,43 @@ def ensure_caches(cfg: SiteConfig, n_tokens: int, load_model_fn: Callable[[], ob
     built together from one pass of the model. Each cache's lock is held meanwhile, so parallel jobs wait.
 
     `splits=("eval",)` asks only for the held-out split: a full cache of the same data is used when one exists.
+    A full or read-only disk is a DataError naming cache.dir (a failed build has already removed its temporary
+    folders).
     """
+    from saekit.model import check_context_length, context_limit
+
+    # Before anything is hashed, built or written: a local model's config says how many positions it handles.
+    check_context_length(cfg.model.short_name, cfg.data.ctx_len, context_limit(cfg.model))
     root = Path(cfg.cache.dir).expanduser()
+    try:
+        return _ensure_caches(cfg, n_tokens, load_model_fn, console_print, progress_factory, splits, root)
+    except OSError as exc:
+        elsewhere = exc.filename is not None and not Path(exc.filename).resolve().is_relative_to(root.resolve())
+        if exc.errno not in _DISK_ERRNOS or elsewhere:  # e.g. an unreadable text file: not the cache folder's fault
+            raise
+        raise disk_error(exc, "cache.dir", root) from exc
+
+
+# What a full disk, a quota or a read-only / forbidden folder raise; each has a fix the user can apply.
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DISK_ERRNOS = _FULL_ERRNOS + (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def disk_error(exc: OSError, setting: str, folder: Path) -> DataError:
+    """One line for a write the file system refused: the folder, the reason and the fix."""
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in _FULL_ERRNOS:
+        fix = f"free space there or point {setting} at a disk with room"
+    else:
+        fix = f"point {setting} at a folder you can write to"
+    return DataError(f"{setting}={folder}: cannot write there ({reason}); {fix}")
+
+
+def _ensure_caches(cfg: SiteConfig, n_tokens: int, load_model_fn: Callable[[], object],
+                   console_print: Callable[[str], None], progress_factory: Optional[Callable],
+                   splits: tuple[str, ...], root: Path) -> list[ActivationCache]:
+    from saekit.model import check_context_length
+
     memo = HashMemo(root / HASH_MEMO)
     fingerprint = data_fingerprint(cfg.data, n_tokens, memo)
     hooks = cfg.hook_names
@@ -499,6 +544,7 @@ def ensure_caches(cfg: SiteConfig, n_tokens: int, load_model_fn: Callable[[], ob
             missing[hook] = final
         if missing:
             model = load_model_fn()
+            check_context_length(model.name, cfg.data.ctx_len, getattr(model, "n_ctx", None))  # hub models
             for hook in missing:
                 if cfg.hook_out is not None:
                     model.check_transcoder_hooks(hook, cfg.hook_out)

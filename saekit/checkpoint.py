@@ -1,8 +1,9 @@
 """Checkpoints as safetensors (no pickle on any load path), written atomically.
 
 - `sae.safetensors`: the SAE's weights and buffers; metadata["saekit"] holds the SAESpec and run facts as JSON.
-- `checkpoints/state.safetensors`: the same weights plus Adam moments, the dead-latent counters and the step,
-  enough to resume a killed run bit for bit.
+- `checkpoints/state.safetensors`: the same weights plus the optimizer's state (`optimizer.state_dict()`: its
+  tensors by parameter name, the rest as JSON metadata), the dead-latent counters and the step, enough to resume a
+  killed run bit for bit.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from saekit.errors import DataError
+from saekit.errors import DataError, SaekitError
 from saekit.sae import SAESpec, SparseAutoencoder, build_sae
 
 SAE_FILE = "sae.safetensors"
@@ -50,7 +52,30 @@ def read_metadata(path: Path) -> dict:
         raise DataError(f"ckpt={path}: the file is corrupt or truncated ({exc}); retrain or restore it") from exc
     if raw is None:
         raise DataError(f"ckpt={path}: not a saekit checkpoint (no saekit metadata)")
-    return json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise DataError(f"ckpt={path}: its saekit metadata is not valid JSON ({exc}); retrain or restore it") from exc
+    if not isinstance(meta, dict):
+        raise DataError(f"ckpt={path}: its saekit metadata is not a JSON object; retrain or restore it")
+    return meta
+
+
+def _spec_of(path: Path, meta: dict) -> SAESpec:
+    """The SAESpec recorded in a checkpoint, checked enough that building the SAE cannot fail deep inside torch."""
+    spec = meta.get("spec")
+    if not isinstance(spec, dict):
+        raise DataError(f"ckpt={path}: its metadata records no SAE spec; retrain or restore it")
+    for key in ("d", "n"):
+        value = spec.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise DataError(f"ckpt={path}: its spec has {key}={value!r} (must be a positive integer); retrain or "
+                            f"restore it")
+    try:
+        return SAESpec.from_dict(spec)
+    except (SaekitError, KeyError, TypeError, ValueError) as exc:  # an edited or foreign spec
+        raise DataError(f"ckpt={path}: its spec cannot be read ({type(exc).__name__}: {exc}); retrain or restore "
+                        f"it") from exc
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -63,7 +88,12 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def load_sae(path: Path, device: torch.device | str = "cpu") -> tuple[SparseAutoencoder, dict]:
     """Rebuild an SAE from a checkpoint file; returns it with its metadata."""
     meta = read_metadata(path)
-    sae = build_sae(SAESpec.from_dict(meta["spec"]))
+    spec = _spec_of(path, meta)
+    try:
+        sae = build_sae(spec)
+    except (SaekitError, RuntimeError, TypeError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        raise DataError(f"ckpt={path}: its spec does not build an SAE ({reason}); retrain or restore it") from exc
     tensors = _load_tensors(path)
     expected = set(sae.state_dict())
     if not expected <= set(tensors):
@@ -100,23 +130,67 @@ def resolve_checkpoints(ckpt: str) -> list[Path]:
     return [resolve_checkpoint(ckpt)]
 
 
+OPTIMIZER_KEY = "saekit_optimizer"
+"""State-file metadata key of the optimizer's non-tensor state (JSON); its tensors are `adam.<param>.<key>`."""
+
+
+def _param_names(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the order `optimizer.state_dict()` numbers them (group after group)."""
+    names = {id(p): name for name, p in sae.named_parameters()}
+    return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+
+
+def optimizer_state(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """`optimizer.state_dict()` split for safetensors: tensors named `adam.<param>.<key>` (by parameter name, so a
+    file outlives a change in parameter order) and the non-tensor rest as a JSON-ready dict."""
+    state = optimizer.state_dict()
+    names = _param_names(sae, optimizer)
+    tensors, other = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"adam.{names[index]}.{key}"] = value
+            else:
+                other.setdefault(names[index], {})[key] = value
+    groups = [{key: value for key, value in group.items() if key != "params"} for group in state["param_groups"]]
+    return tensors, {"state": other, "param_groups": groups}
+
+
+def load_optimizer_state(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                         extra: Optional[dict]) -> None:
+    """Restore through `optimizer.load_state_dict`, which puts each value where this optimizer keeps it (a fused
+    Adam's `step` on the parameter's device). Files from before `extra` existed hold only `adam.*` tensors."""
+    extra = extra or {}
+    names = _param_names(sae, optimizer)
+    state: dict[int, dict] = {}
+    for index, name in enumerate(names):
+        values = {key.rsplit(".", 1)[1]: t for key, t in tensors.items() if key.startswith(f"adam.{name}.")
+                  and "." not in key[len(f"adam.{name}."):]}
+        values.update(extra.get("state", {}).get(name, {}))
+        if values:
+            state[index] = values
+    current = optimizer.state_dict()["param_groups"]  # this run's hyperparameters (the fingerprint pins them)
+    optimizer.load_state_dict({"state": state, "param_groups": current})
+
+
 def train_state_tensors(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer,
                         counters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SAE weights (`sae.*`), Adam state by parameter name (`adam.<param>.<key>`) and counters (`counter.*`)."""
+    """SAE weights (`sae.*`), optimizer tensors by parameter name (`adam.<param>.<key>`) and counters (`counter.*`)."""
     tensors = {f"sae.{name}": t for name, t in sae.state_dict().items()}
-    names = {id(p): name for name, p in sae.named_parameters()}
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            for key, value in optimizer.state.get(param, {}).items():
-                tensors[f"adam.{names[id(param)]}.{key}"] = torch.as_tensor(value)
+    tensors.update(optimizer_state(sae, optimizer)[0])
     tensors.update({f"counter.{name}": t for name, t in counters.items()})
     return tensors
 
 
+def _state_metadata(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, facts: dict) -> dict[str, str]:
+    # default=str: a hyperparameter JSON cannot hold (none in Adam today) is kept as text rather than failing the save
+    return {**_metadata(sae, facts), OPTIMIZER_KEY: json.dumps(optimizer_state(sae, optimizer)[1], default=str)}
+
+
 def save_train_state(path: Path, sae: SparseAutoencoder, optimizer: torch.optim.Optimizer,
                      counters: dict[str, torch.Tensor], facts: dict) -> None:
-    """SAE weights, Adam state (by parameter name) and counters in one file, so they always agree."""
-    atomic_save(train_state_tensors(sae, optimizer, counters), path, _metadata(sae, facts))
+    """SAE weights, optimizer state (by parameter name) and counters in one file, so they always agree."""
+    atomic_save(train_state_tensors(sae, optimizer, counters), path, _state_metadata(sae, optimizer, facts))
 
 
 @dataclass
@@ -135,7 +209,7 @@ class Checkpoint:
              counters: dict[str, torch.Tensor], state_facts: dict, sae_facts: dict) -> "Checkpoint":
         """Copy everything now (on CUDA the copy to the host is the snapshot; on CPU a clone)."""
         state = {name: _host_copy(t) for name, t in train_state_tensors(sae, optimizer, counters).items()}
-        return cls(run_dir / STATE_FILE, state, _metadata(sae, state_facts), run_dir / SAE_FILE,
+        return cls(run_dir / STATE_FILE, state, _state_metadata(sae, optimizer, state_facts), run_dir / SAE_FILE,
                    _metadata(sae, sae_facts))
 
     def write(self) -> None:
@@ -149,18 +223,21 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone().contiguous() if tensor.device.type == "cpu" else tensor.contiguous().cpu()
 
 
+def _optimizer_metadata(path: Path) -> Optional[dict]:
+    with safe_open(str(path), framework="pt") as handle:
+        raw = (handle.metadata() or {}).get(OPTIMIZER_KEY)
+    try:
+        return None if raw is None else json.loads(raw)
+    except ValueError as exc:
+        raise DataError(f"{path}: its optimizer metadata is not valid JSON; delete the file to start afresh, or "
+                        f"resume=false") from exc
+
+
 def load_train_state(path: Path, sae: SparseAutoencoder, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Restore weights and Adam state in place; returns (counters, facts)."""
+    """Restore weights and optimizer state in place; returns (counters, facts)."""
     facts = read_metadata(path)
     tensors = _load_tensors(path)
     sae.load_state_dict({name[4:]: t for name, t in tensors.items() if name.startswith("sae.")})
-    params = dict(sae.named_parameters())
-    # A fused (or capturable) Adam keeps its step count on the parameter's device; the plain one on the host.
-    step_on_device = bool(optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"))
-    for name, param in params.items():
-        moments = {key.rsplit(".", 1)[1]: t for key, t in tensors.items() if key.startswith(f"adam.{name}.")}
-        if moments:
-            optimizer.state[param] = {key: t.to(param.device) if key != "step" or step_on_device else t
-                                      for key, t in moments.items()}
+    load_optimizer_state(sae, optimizer, tensors, _optimizer_metadata(path))
     counters = {name[8:]: t for name, t in tensors.items() if name.startswith("counter.")}
     return counters, facts

@@ -12,8 +12,9 @@ import os
 import shutil
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 COMMANDS = {
     "train": ("train", "train an SAE (builds the activation cache on demand), evaluate it, write results.csv"),
@@ -72,6 +73,43 @@ def describe_config_error(exc: BaseException) -> str:
         if isinstance(error, OmegaConfBaseException) and getattr(error, "full_key", None):
             return f"{error.full_key}: {_first_line(getattr(error, 'msg', error))}"
     return _first_line(exc).rstrip(".") + " (see `saekit <command> --help`)"
+
+
+def _added_key(override: str) -> Optional[str]:
+    """The key a `+key=value` / `++key=value` override adds to the config; None for anything else (plain
+    overrides, deletions, Hydra's own settings, a config group appended by name such as `+experiment=x`)."""
+    if not override.startswith("+"):
+        return None
+    key = override.lstrip("+").partition("=")[0].partition("@")[0].strip()
+    if not key or key == "hydra" or key.startswith("hydra.") or (conf_dir() / key.replace(".", "/")).is_dir():
+        return None
+    return key
+
+
+def _has_setting(typed: Any, key: str) -> bool:
+    """Whether the dotted `key` names a field of the typed config (any key inside a free-form dict field)."""
+    import dataclasses
+
+    node = typed
+    for part in key.split("."):
+        if isinstance(node, dict):
+            return True
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            return False
+        node = getattr(node, part)
+    return True
+
+
+def refuse_unknown_additions(typed: Any, overrides: list[str]) -> None:
+    """Hydra's `+key=value` adds a key the schema lacks, and OmegaConf then drops it without a word (only the results
+    table showed it, as a column): a key that is not a setting is a misspelling, so it is refused in one line."""
+    from saekit.errors import ConfigError
+
+    for override in overrides:
+        key = _added_key(override)
+        if key is not None and not _has_setting(typed, key):
+            raise ConfigError(f"{override.partition('=')[0]}: {key} is not a saekit setting; drop the + and check the "
+                              f"spelling (`saekit <command> --cfg job` lists the settings)")
 
 
 # ---- composing and converting -----------------------------------------------------------------
@@ -138,10 +176,93 @@ def absolutize_paths(cfg) -> None:
 # ---- running a task ---------------------------------------------------------------------------
 def _keeps_nothing(run_dir: Path) -> bool:
     """A run folder with only Hydra's bookkeeping in it (safe to remove after a failed start)."""
-    return run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir())
+    from saekit.runlock import LOCK_FILE
+
+    return run_dir.is_dir() and all(p.name in (".hydra", LOCK_FILE) or p.suffix == ".log" for p in run_dir.iterdir())
+
+
+_HYDRA_SUBDIR = ".hydra"
+_GUARDED_FILES = ("config.json", "status.json")
 
 
 def _guarded(task: Callable[[Any, Path], None], cfg) -> None:
+    """Run a task holding its run folder's lock, with Ctrl-C/SIGTERM stopping training at a checkpoint.
+
+    A busy folder is refused in one line naming the other process (exit 2), or waited for (lock_wait_s). Hydra's
+    own `.hydra/` files are written here, not by Hydra (conf/hydra/saekit.yaml sets output_subdir: null), so a
+    refused rerun can put back the ones it replaced: a refusal leaves the folder byte for byte as it was.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from saekit.errors import SaekitError
+    from saekit.runlock import RunLock
+    from saekit.stopping import Interrupted, TrainingInterrupted, stop_on_signals
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    command = f"saekit {hydra_cfg.job.name} {' '.join(hydra_cfg.overrides.task)}".strip()
+    lock = RunLock(run_dir, command, float(OmegaConf.select(cfg, "lock_wait_s", default=0) or 0))
+    try:
+        with stop_on_signals():  # Ctrl-C while waiting for the lock is one line too
+            try:
+                lock.acquire()
+            except SaekitError as exc:
+                if hydra_cfg.mode == RunMode.MULTIRUN:  # the folder is another process's: write nothing there
+                    print(f"saekit: job skipped ({run_dir.name}): {exc}", file=sys.stderr)
+                    return
+                _fail(str(exc))
+            with _hydra_files(run_dir, cfg):
+                _run_task(task, cfg, run_dir)
+    except (TrainingInterrupted, Interrupted) as exc:
+        message = str(exc) if isinstance(exc, TrainingInterrupted) else "interrupted; run the same command to resume"
+        print(f"saekit: {message}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    finally:
+        lock.release()
+
+
+@contextmanager
+def _hydra_files(run_dir: Path, cfg) -> Iterator[None]:
+    """Write `.hydra/{config,hydra,overrides}.yaml` as Hydra would; put the previous ones back when the task stops
+    having changed neither config.json nor status.json (a refusal), so the folder keeps describing its run. The job
+    log is cut back to where it was too (it holds the run's history, not the refused command's)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    folder = run_dir / _HYDRA_SUBDIR
+    new = {"config.yaml": OmegaConf.to_yaml(cfg), "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg),
+           "overrides.yaml": OmegaConf.to_yaml(HydraConfig.get().overrides.task)}
+    before = {name: _read_bytes(folder / name) for name in new}
+    guarded = {name: _read_bytes(run_dir / name) for name in _GUARDED_FILES}
+    logs = {path: path.stat().st_size for path in run_dir.glob("*.log")}
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in new.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    try:
+        yield
+    except BaseException:
+        untouched = all(_read_bytes(run_dir / name) == data for name, data in guarded.items())
+        if untouched and any(data is not None for data in before.values()):
+            for name, data in before.items():
+                if data is None:
+                    (folder / name).unlink(missing_ok=True)
+                else:
+                    (folder / name).write_bytes(data)
+            for path, size in logs.items():
+                os.truncate(path, size)
+        raise
+
+
+def _read_bytes(path: Path) -> Optional[bytes]:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _run_task(task: Callable[[Any, Path], None], cfg, run_dir: Path) -> None:
     """Run a task; a SaekitError becomes one line on stderr and exit code 2.
 
     In a sweep, a failing job is recorded in its folder's status.json (with the error) and the sweep goes on.
@@ -151,12 +272,13 @@ def _guarded(task: Callable[[Any, Path], None], cfg) -> None:
 
     from saekit.errors import SaekitError
     from saekit.fileutil import write_status
+    from saekit.stopping import TrainingInterrupted
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    warnings.filterwarnings("ignore", category=UserWarning)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         try:
             task(cfg, run_dir)
+        except TrainingInterrupted:  # Ctrl-C stops the sweep, not just this job
+            raise
         except Exception as exc:  # one job's failure, whatever it is, must not stop the others
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if not isinstance(exc, SaekitError):
@@ -248,6 +370,18 @@ def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
+@contextmanager
+def _hydra_argv(argv: list[str]) -> Iterator[None]:
+    """`hydra.main` reads its arguments only from sys.argv: hand them over for the run, then put the caller's back
+    (main(argv) called from Python leaves the process as it found it)."""
+    saved = sys.argv
+    sys.argv = argv
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -270,6 +404,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         return _print_sweep_jobs([rest])
     if not wants_hydra_flag and not multirun:
         checked = preflight(config_name, rest)
+        _refuse_or_fail(checked, rest)
         if command == "hooks":  # prints only: no run folder, no log file
             from saekit import tasks
 
@@ -281,9 +416,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             "hooks": tasks.hooks}[command]
     # Hydra's parser wants its flags before the overrides.
     flags, overrides = split_flags(rest)
-    sys.argv = [f"saekit-{command}", *(["--multirun"] if multirun else []), *flags, f"hydra.job.name={command}",
-                *overrides]
-    _hydra_run(config_name, lambda cfg, run_dir: task(_prepare(cfg), run_dir))
+    hydra_argv = [f"saekit-{command}", *(["--multirun"] if multirun else []), *flags, f"hydra.job.name={command}",
+                  *overrides]
+    with _hydra_argv(hydra_argv), warnings.catch_warnings():
+        # Libraries' UserWarnings (transformer-lens, torch) drown the one-line output; only for this command's run.
+        warnings.simplefilter("ignore", UserWarning)
+        _hydra_run(config_name, lambda cfg, run_dir: task(_prepare(cfg), run_dir))
     from saekit.sweep import last_sweep
 
     if multirun and last_sweep["failed_jobs"] < 0:
@@ -291,6 +429,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     if multirun and last_sweep["failed_jobs"]:
         _fail(f"{last_sweep['failed_jobs']} sweep job(s) failed (status and error in the sweep's results.csv); "
               f"fix them and run the same command again: finished jobs are not retrained")
+
+
+def _refuse_or_fail(typed: Any, overrides: list[str]) -> None:
+    from saekit.errors import SaekitError
+
+    try:
+        refuse_unknown_additions(typed, overrides)
+    except SaekitError as exc:
+        _fail(str(exc))
 
 
 def _preset_sweep(args: list[str]) -> None:
@@ -396,7 +543,9 @@ def _prepare(cfg):
     if hasattr(typed, "overrides"):
         from saekit.sweep import parse_overrides
 
-        typed.overrides = parse_overrides(list(HydraConfig.get().overrides.task))
+        task_overrides = list(HydraConfig.get().overrides.task)
+        refuse_unknown_additions(typed, task_overrides)  # sweep jobs skip main's check
+        typed.overrides = parse_overrides(task_overrides)
     return typed
 
 

@@ -374,6 +374,8 @@ class TrainConfig(SiteConfig):
     """With eval_delta_ce: held-out tokens for the downstream pass."""
     resume: bool = True
     """Continue from the run folder's last checkpoint when the config matches."""
+    lock_wait_s: float = 0.0
+    """Seconds to wait for another process using the same run folder to finish; 0 refuses at once."""
     run_id: Optional[str] = None
     """Name of the run in results tables; defaults to the run folder's name."""
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -412,6 +414,7 @@ class TrainConfig(SiteConfig):
                 f"eval_every_steps={self.eval_every_steps} must be positive (or null for no evaluation during training)")
         require(self.eval_tokens > 0, f"eval_tokens={self.eval_tokens} must be positive")
         require(self.ckpt_every_steps > 0, f"ckpt_every_steps={self.ckpt_every_steps} must be positive")
+        require(self.lock_wait_s >= 0, f"lock_wait_s={self.lock_wait_s} must be >= 0 (0 refuses a busy run folder at once)")
         resample_steps = self.dead.resample_steps if isinstance(self.dead, DeadConfig) else None
         late = [step for step in resample_steps or [] if step >= self.n_steps]
         require(not late, f"dead.resample_steps={self.dead.resample_steps} has steps at or past the run's end "
@@ -485,6 +488,8 @@ class EvalConfig:
     refine_steps: int = 300
     """Projected-gradient steps of the refinement."""
     seed: int = 0
+    lock_wait_s: float = 0.0
+    """Seconds to wait for another process using the same run folder to finish; 0 refuses at once."""
 
     def __post_init__(self) -> None:
         check_choice("device", self.device, DEVICES)
@@ -497,6 +502,7 @@ class EvalConfig:
         require(all(t >= 0 for t in self.thetas), f"thetas={self.thetas} must be >= 0")
         require(self.refine_tokens >= 0, f"refine_tokens={self.refine_tokens} must be >= 0")
         require(self.refine_steps > 0, f"refine_steps={self.refine_steps} must be positive")
+        require(self.lock_wait_s >= 0, f"lock_wait_s={self.lock_wait_s} must be >= 0 (0 refuses a busy run folder at once)")
 
 
 def register_variant_schemas() -> None:

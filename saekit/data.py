@@ -7,7 +7,9 @@ them; the stream is cut into windows of `ctx_len`, each starting with BOS when `
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -19,6 +21,8 @@ from saekit.fileutil import HashMemo, file_sha256
 from saekit.errors import DataError
 
 _TOKENIZE_BATCH_DOCS = 256
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -196,6 +200,34 @@ def data_fingerprint(cfg: DataConfig, n_tokens: int, memo: Optional[HashMemo] = 
     }
 
 
+def whole_corpus(cfg: DataConfig) -> DataConfig:
+    """`cfg` with all of its text as the evaluation split: a corpus the SAE never trained on has nothing to hold
+    out, so its first 90% need not be thrown away (held-out files or an eval split named explicitly are kept)."""
+    if cfg.source == "text_files":
+        return dataclasses.replace(cfg, eval_paths=list(cfg.eval_paths or cfg.paths))
+    return dataclasses.replace(cfg, eval_split=cfg.eval_split or cfg.split)
+
+
+def evaluates_whole_corpus(cfg: DataConfig) -> bool:
+    """Whether the evaluation split is all of the training text (what `whole_corpus` makes)."""
+    if cfg.source == "text_files":
+        return bool(cfg.eval_paths) and list(cfg.eval_paths) == list(cfg.paths)
+    return cfg.eval_split is not None and cfg.eval_split == cfg.split
+
+
+def same_corpus(data: DataConfig, trained: DataConfig) -> bool:
+    """Whether `data` is the text an SAE was trained with `trained` on (by content, so moved files still match)."""
+    mine = data_fingerprint(data, 0)["source"]
+    try:
+        theirs = data_fingerprint(trained, 0)["source"]
+    except DataError:  # the training files are gone or moved: only their names are left to compare
+        same = data.source == trained.source and [Path(p).name for p in data.paths] == [Path(p).name for p in trained.paths]
+        log.warning("the training text of this SAE is not where it was; %s", "matched by file name" if same else
+                    "evaluating on all of the given text")
+        return same
+    return mine == theirs
+
+
 def load_windows(cfg: DataConfig, tokenizer, bos_id: Optional[int], n_tokens: int) -> TokenWindows:
     """Token windows for the train and eval splits as `cfg` describes (`n_tokens`: the training budget)."""
     n_train = train_tokens_asked(cfg, n_tokens)
@@ -204,6 +236,8 @@ def load_windows(cfg: DataConfig, tokenizer, bos_id: Optional[int], n_tokens: in
     if cfg.source == "text_files":
         train_docs, eval_docs = _text_file_splits(cfg)
         where_train, where_eval = "the training text (data.paths)", "the held-out text"
+        if evaluates_whole_corpus(cfg):
+            where_eval = "the evaluation text (data.paths)"
     else:
         where_train, where_eval = f"{cfg.hf_path}:{cfg.split}", f"{cfg.hf_path}:{cfg.eval_split or cfg.split}"
         if cfg.eval_split:
@@ -223,5 +257,12 @@ def load_windows(cfg: DataConfig, tokenizer, bos_id: Optional[int], n_tokens: in
 def _finish(cfg: DataConfig, train_windows, eval_windows, where_train: str, where_eval: str) -> TokenWindows:
     # Only an explicit data.n_train_tokens is an error when short; by default all the text is used.
     _require_tokens(train_windows, cfg.n_train_tokens, "data.n_train_tokens", where_train)
-    _require_tokens(eval_windows, cfg.n_eval_tokens, "data.n_eval_tokens", where_eval)
+    if evaluates_whole_corpus(cfg):
+        # Evaluating on a whole corpus: data.n_eval_tokens is a cap (a default larger than the text is no mistake).
+        _require_tokens(eval_windows, None, "data.n_eval_tokens", where_eval)
+        if eval_windows.numel() < cfg.n_eval_tokens:
+            log.info("%s holds %d tokens in complete windows (data.n_eval_tokens=%d): evaluating on all of them",
+                     where_eval, eval_windows.numel(), cfg.n_eval_tokens)
+    else:
+        _require_tokens(eval_windows, cfg.n_eval_tokens, "data.n_eval_tokens", where_eval)
     return TokenWindows(train=train_windows, eval=eval_windows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -62,13 +63,14 @@ class HashMemo:
     def _save(self) -> None:
         if self.path is None:
             return
+        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
             tmp.write_text(json.dumps(self.entries))
             os.replace(tmp, self.path)
-        except OSError:  # a read-only cache root: the memo just does not persist
-            pass
+        except OSError:  # a read-only or full cache root: the memo just does not persist (nor its half-written copy)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
 def file_sha256(path: Path, memo: Optional[HashMemo]) -> str:

@@ -36,16 +36,23 @@ def write_latent_table(table: pd.DataFrame, folder: Path) -> Path:
     return path
 
 
+def agg_figure(figsize: tuple[float, float]):
+    """A matplotlib Figure drawn by the Agg canvas: PNGs without pyplot, so the caller's backend (a notebook's, a
+    GUI's) and pyplot's figure list are left alone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def plot_density_histogram(table: pd.DataFrame, n_tokens: int, folder: Path, title: str) -> Path:
     """Histogram of log10 firing rate over the alive latents; the dead count is stated in the legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     alive = table[table["density"] > 0]["density"]
     dead = int((table["density"] == 0).sum())
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = agg_figure((6, 3.5))
+    ax = fig.subplots()
     floor = math.log10(1 / max(n_tokens, 1))
     ax.hist(alive.map(math.log10), bins=50, range=(floor, 0), color="#4c72b0",
             label=f"{len(alive)} alive, {dead} dead (never fired in {n_tokens:,} tokens)")
@@ -56,6 +63,5 @@ def plot_density_histogram(table: pd.DataFrame, n_tokens: int, folder: Path, tit
     fig.tight_layout()
     path, tmp = folder / DENSITY_PLOT, folder / f".{DENSITY_PLOT}.tmp.png"
     fig.savefig(tmp, dpi=120)
-    plt.close(fig)
     os.replace(tmp, path)
     return path

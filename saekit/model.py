@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +47,8 @@ class LoadedModel:
     d_vocab: int
     bos_token_id: Optional[int]
     device: torch.device
+    n_ctx: Optional[int] = None
+    """Positions the model can attend over (None: unknown); data.ctx_len must not exceed it."""
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
     """Forward passes with hooks attach them to the shared model: two at once (a stream's background fill and an
     evaluation) would swap activations, so every hooked pass holds this lock."""
@@ -185,6 +186,49 @@ def _local_identity(folder: Path, memo: Optional[HashMemo]) -> dict:
 
 
 
+# Config keys under which HuggingFace architectures record how many positions they handle.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
+
+
+def context_limit(cfg: ModelConfig) -> Optional[int]:
+    """Positions a local model folder handles, read from its config.json without loading it; None for a hub name
+    or a config that does not say (the loaded model's n_ctx is checked then)."""
+    config = Path(cfg.name).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        facts = json.loads(config.read_text())
+    except (OSError, ValueError):  # loading the model reports a broken config in its own words
+        return None
+    facts = {**facts.get("text_config", {}), **facts} if isinstance(facts.get("text_config"), dict) else facts
+    return next((int(facts[key]) for key in _CONTEXT_KEYS if isinstance(facts.get(key), int) and facts[key] > 0), None)
+
+
+def check_context_length(model_name: str, ctx_len: int, limit: Optional[int]) -> None:
+    """A window longer than the model's positions would run it outside what it was trained on (or fail deep
+    inside it): refuse before anything is built."""
+    if limit is not None and ctx_len > limit:
+        raise ConfigError(f"data.ctx_len={ctx_len} is longer than {model_name} handles ({limit} positions); "
+                          f"set data.ctx_len={limit} or less")
+
+
+def _require_hub(cfg: ModelConfig) -> None:
+    """A hub name that is not in the local cache needs the Hub: ask it once, without retries, so an offline machine
+    fails in a moment instead of after transformers' retries (and with one line)."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(cfg.name, "config.json", revision=cfg.revision), str):
+        return  # cached: transformers loads it (offline too, with HF_HUB_OFFLINE=1)
+    fix = "use a local model folder (model.name=/path/to/model) or a machine with network access to the Hub"
+    if constants.HF_HUB_OFFLINE:
+        raise DataError(f"model.name={cfg.name} is not in the local HuggingFace cache and HF_HUB_OFFLINE is set; {fix}")
+    try:
+        HfApi().model_info(cfg.name, revision=cfg.revision, timeout=10)
+    except Exception as exc:  # connection errors, unknown repositories, gated models: each a reason not to boot
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"model.name={cfg.name}: the Hub cannot provide it ({first}); {fix}, or check the name") from exc
+
+
 def model_identity(cfg: ModelConfig, memo: Optional[HashMemo] = None) -> dict:
     """What makes two models the same for caching: local content hash, or hub name plus revision.
 
@@ -208,10 +252,8 @@ def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     local = folder.is_dir()
     if not local:
         model_identity(cfg)  # the one-line error for a path that is not a model folder
+        _require_hub(cfg)
     target = str(folder.resolve()) if local else cfg.name
-    if local:
-        # A local folder must never reach for the Hub (this also keeps tests offline).
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -238,6 +280,7 @@ def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
         d_vocab=int(model_cfg.d_vocab),
         bos_token_id=getattr(tokenizer, "bos_token_id", None),
         device=device,
+        n_ctx=int(model_cfg.n_ctx) if getattr(model_cfg, "n_ctx", None) else context_limit(cfg),
     )
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from saekit.errors import DataError
+from saekit.latents import agg_figure
 from saekit.sweep import collect_sweep
 
 SETTING_COLUMNS = ("activation", "k", "lam", "n")
@@ -73,12 +74,8 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_pareto(runs: pd.DataFrame, metric: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = agg_figure((6, 4))
+    ax = fig.subplots()
     for activation, group in runs.dropna(subset=[metric, "l0"]).groupby("activation"):
         ax.scatter(group["l0"], group[metric], s=18, alpha=0.5)
         front = pareto_front(group, "l0", metric)
@@ -90,7 +87,6 @@ def plot_pareto(runs: pd.DataFrame, metric: str, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
-    plt.close(fig)
 
 
 def _run_label(table: pd.DataFrame, run_id: str) -> str:
@@ -103,16 +99,12 @@ def _run_label(table: pd.DataFrame, run_id: str) -> str:
 
 
 def plot_progressive(table: pd.DataFrame, path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if "k_prime" not in table or table["k_prime"].dropna().empty:
         return False
     rows = table[table["k_prime"].notna() & table["metric"].isin(["nmse", "l0"])]
     wide = rows.pivot_table(index=["run_id", "k_prime"], columns="metric", values="value").reset_index()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = agg_figure((6, 4))
+    ax = fig.subplots()
     for run_id, group in wide.groupby("run_id"):
         ax.plot(group["l0"], group["nmse"], marker="o", label=_run_label(table, run_id))
     ax.set_xscale("log")
@@ -122,7 +114,6 @@ def plot_progressive(table: pd.DataFrame, path: Path) -> bool:
     ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
-    plt.close(fig)
     return True
 
 

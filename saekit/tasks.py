@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from saekit.checkpoint import load_sae, resolve_checkpoints
 from saekit.config import CacheCommandConfig, CacheConfig, DataConfig, EvalConfig, ModelConfig, SiteConfig, TrainConfig
 from saekit.evaluate import Evaluation, check_compatible, evaluate_checkpoint
 from saekit.fileutil import write_status
+from saekit.stopping import TrainingInterrupted
 from saekit.latents import DENSITY_PLOT, LATENT_TABLE, latent_table, plot_density_histogram, write_latent_table
 from saekit.model import LoadedModel, load_model, resolve_device
 from saekit.report import print_summary, tidy_table, write_table
@@ -28,6 +30,7 @@ from saekit.sae import sae_class
 from saekit.train import TrainingData, check_precision, fit
 
 console = Console()
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -111,16 +114,26 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
 def _train_and_tabulate(cfg: TrainConfig, run_dir: Path, jobs: list["_Job"], models: ModelPool, device,
                         streamed: bool) -> dict:
     """Train the jobs; with several hooks, also the status and one results table over all of them in run_dir."""
+    _check_resumable(jobs)
     if not cfg.multi_hook:
         return _train_jobs(jobs, models, device, streamed)[0]
     _write_config(cfg, run_dir)
     write_status(run_dir, "running", hooks=cfg.hook_names)
     with _failed_status_on_error([_Job(cfg, None, None, run_dir, None)]):
         metrics = _train_jobs(jobs, models, device, streamed)
-    write_table(pd.concat([pd.read_csv(job.run_dir / "results.csv") for job in jobs], ignore_index=True), run_dir)
+        write_table(pd.concat([pd.read_csv(job.run_dir / "results.csv") for job in jobs], ignore_index=True), run_dir)
     write_status(run_dir, "done", hooks=cfg.hook_names)
     console.print(f"results over {len(jobs)} hooks: {run_dir / 'results.csv'}", highlight=False)
     return {job.cfg.hook_name: values for job, values in zip(jobs, metrics)}
+
+
+def _check_resumable(jobs: list["_Job"]) -> None:
+    """Refuse a folder holding another configuration's (or a damaged) checkpoint before anything in it is written,
+    so a refused rerun leaves a finished run exactly as it was."""
+    from saekit.train import resume_step
+
+    for job in jobs:
+        resume_step(job.cfg, job.run_dir, job.data.key)
 
 
 def _job_folders(cfg: TrainConfig, run_dir: Path) -> list[tuple[Path, Optional[str]]]:
@@ -168,17 +181,17 @@ def _train_jobs(jobs: list[_Job], models: ModelPool, device, lockstep: bool) -> 
 
         for job in jobs:
             _start_job(job)
-        with _failed_status_on_error(jobs):
+        with _failed_status_on_error(jobs):  # evaluation and the table too: an error there must not leave "running"
             results = fit_lockstep([(job.cfg, job.data, job.run_dir) for job in jobs], device, console,
                                    evaluators=[_training_evaluator(job.cfg, job.eval_cache, models) for job in jobs])
-        return [_finish_job(job, result, models) for job, result in zip(jobs, results)]
+            return [_finish_job(job, result, models) for job, result in zip(jobs, results)]
     metrics = []
     for job in jobs:
         _start_job(job)
-        with _failed_status_on_error([job]):
+        with _failed_status_on_error([job]):  # evaluation and the table too: an error there must not leave "running"
             result = fit(job.cfg, job.data, job.run_dir, device, console,
                          evaluator=_training_evaluator(job.cfg, job.eval_cache, models))
-        metrics.append(_finish_job(job, result, models))
+            metrics.append(_finish_job(job, result, models))
     return metrics
 
 
@@ -193,7 +206,15 @@ def _start_job(job: _Job) -> None:
 def _failed_status_on_error(jobs: list[_Job]) -> Iterator[None]:
     try:
         yield
-    except BaseException as exc:  # Ctrl-C too: the status must not stay "running"
+    except TrainingInterrupted as exc:  # stopped on request, with a checkpoint to resume from
+        for job in jobs:
+            write_status(job.run_dir, "interrupted", step=exc.step, error=str(exc))
+        raise
+    except KeyboardInterrupt:  # a signal outside the training loop: nothing new to resume from, but not "running"
+        for job in jobs:
+            write_status(job.run_dir, "interrupted", error="interrupted; run the same command to resume")
+        raise
+    except BaseException as exc:  # the status must not stay "running"
         for job in jobs:
             write_status(job.run_dir, "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise
@@ -250,10 +271,11 @@ def _training_evaluator(cfg: TrainConfig, cache: ActivationCache, models: ModelP
     return lambda sae: _evaluate_after_training(cfg, sae, cache, models, settings).metrics
 
 
-def _trained_config(meta: dict) -> TrainConfig:
-    """The TrainConfig saved in a checkpoint's metadata, nested dataclasses rebuilt."""
+def _trained_config(meta: dict, source: str = "ckpt") -> TrainConfig:
+    """The TrainConfig saved in a checkpoint's metadata, nested dataclasses rebuilt; DataError (naming `source`) for
+    one this version cannot read."""
     from saekit.config import DeadConfig, FinalEvalConfig, InitConfig, OptimizerConfig
-    from saekit.errors import DataError
+    from saekit.errors import DataError, SaekitError
     from saekit.sae import variant_config
 
     saved = meta.get("train_config")
@@ -261,11 +283,20 @@ def _trained_config(meta: dict) -> TrainConfig:
         raise DataError("ckpt: the checkpoint records no training config; evaluate a checkpoint written by saekit train")
     types = {"model": ModelConfig, "data": DataConfig, "cache": CacheConfig, "dead": DeadConfig,
              "optimizer": OptimizerConfig, "init": InitConfig, "final_eval": FinalEvalConfig}
-    rebuilt = {key: kind(**saved.get(key, {})) for key, kind in types.items()}
-    # saekit 0.1 saved every variant's knobs in one activation block: keep those of this variant.
-    activation = dict(saved.get("activation", {}))
-    rebuilt["activation"] = variant_config(activation.get("name", "topk"), activation, strict=False)
-    return TrainConfig(**{**saved, **rebuilt})
+    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(TrainConfig)}) if isinstance(saved, dict) else []
+    if not isinstance(saved, dict) or unknown:
+        found = ", ".join(unknown) if unknown else "not a mapping"
+        raise DataError(f"{source}: its training config has settings this saekit does not know ({found}); evaluate it "
+                        f"with the saekit version that wrote it, or retrain")
+    try:
+        rebuilt = {key: kind(**saved.get(key, {})) for key, kind in types.items()}
+        # saekit 0.1 saved every variant's knobs in one activation block: keep those of this variant.
+        activation = dict(saved.get("activation", {}))
+        rebuilt["activation"] = variant_config(activation.get("name", "topk"), activation, strict=False)
+        return TrainConfig(**{**saved, **rebuilt})
+    except (TypeError, ValueError, SaekitError) as exc:  # a nested block with a foreign key or a bad value
+        raise DataError(f"{source}: its training config cannot be read ({str(exc).splitlines()[0]}); evaluate it with "
+                        f"the saekit version that wrote it, or retrain") from exc
 
 
 def evaluate(cfg: EvalConfig, run_dir: Path) -> pd.DataFrame:
@@ -294,11 +325,21 @@ def evaluate(cfg: EvalConfig, run_dir: Path) -> pd.DataFrame:
     return results
 
 
+def _evaluation_data(data: Optional[DataConfig], trained: DataConfig) -> DataConfig:
+    """The training corpus is evaluated on its held-out split (the SAE saw the rest); a corpus the SAE never saw
+    is evaluated on all of it, data.n_eval_tokens capping it."""
+    from saekit.data import same_corpus, whole_corpus
+
+    if data is None or same_corpus(data, trained):
+        return data if data is not None else trained
+    return whole_corpus(data)
+
+
 def _evaluate_one(cfg: EvalConfig, ckpt: Path, device, models: ModelPool) -> tuple[pd.DataFrame, pd.DataFrame, object]:
     sae, meta = load_sae(ckpt, device)
-    trained = _trained_config(meta)
+    trained = _trained_config(meta, f"ckpt={ckpt}")
     # The model and hook it was trained on; the data too unless eval names other data.
-    site = SiteConfig(model=trained.model, data=cfg.data if cfg.data is not None else trained.data, cache=cfg.cache,
+    site = SiteConfig(model=trained.model, data=_evaluation_data(cfg.data, trained.data), cache=cfg.cache,
                       layer=trained.layer, hook=trained.hook, hook_out=trained.hook_out, device=cfg.device,
                       seed=trained.seed)
     # Evaluation reads only the held-out split: a full cache is used when there is one, else only that split is built.
@@ -312,13 +353,29 @@ def _evaluate_one(cfg: EvalConfig, ckpt: Path, device, models: ModelPool) -> tup
         else:
             model.check_hook(site.hook_name)
     evaluation = evaluate_checkpoint(sae, cache, cfg, device, model, site.hook_name, keep_first=excludes_bos(site.data))
-    run = {"run_id": ckpt.parent.name, **run_facts(trained, cache.manifest["hook"], trained.n_steps * trained.batch_size)}
-    context = {"ckpt": str(ckpt), "eval_data": site.data.name}
-    print_summary(console, f"held-out metrics: {ckpt.parent.name} ({cache.n_acts('eval'):,} tokens, {site.data.name})",
+    tokens = _trained_tokens(ckpt, meta, trained)
+    run = {"run_id": ckpt.parent.name, **run_facts(trained, cache.manifest["hook"], tokens)}
+    # finished sits with the context columns: the id columns before metric/value are the fixed SPEC 4 set.
+    context = {"ckpt": str(ckpt), "eval_data": site.data.name, "finished": bool(meta.get("finished", True))}
+    from saekit.data import evaluates_whole_corpus
+
+    which = "metrics on all of the text" if evaluates_whole_corpus(site.data) else "held-out metrics"
+    print_summary(console, f"{which}: {ckpt.parent.name} ({cache.n_acts('eval'):,} tokens, {site.data.name})",
                   run, evaluation.metrics)
     return result_frames(run, evaluation.metrics, evaluation.progressive + evaluation.prefixes, context), \
         latent_table(evaluation.stats), \
         evaluation.stats
+
+
+def _trained_tokens(ckpt: Path, meta: dict, trained: TrainConfig) -> int:
+    """Tokens the checkpoint was actually trained on: its step × batch_size (a killed run's is short of n_tokens).
+    Checkpoints from before the step was recorded were always final."""
+    step = int(meta.get("step", trained.n_steps))
+    if not meta.get("finished", True):
+        log.warning("ckpt=%s is unfinished: trained %d of %d steps (%s of %s tokens); evaluating it as it is (run the "
+                    "same train command to finish it)", ckpt, step, trained.n_steps, f"{step * trained.batch_size:,}",
+                    f"{trained.n_tokens:,}")
+    return step * trained.batch_size
 
 
 def cache(cfg: CacheCommandConfig, run_dir: Path) -> None:

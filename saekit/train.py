@@ -28,6 +28,7 @@ from saekit.config import TrainConfig
 from saekit.errors import ConfigError, TrainingDiverged
 from saekit.dead import DeadLatents, default_resample_steps, resample_dead_latents
 from saekit.loader import EpochBatches, Prefetcher, TensorBatches, make_batches
+from saekit.stopping import StopFlag, TrainingInterrupted, current_stop_flag
 from saekit.sae import SAESpec, SparseAutoencoder, build_sae
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,13 @@ STEP_COLUMNS = ("step", "tokens", "loss", "mse", "l0", "dead_frac", "lr", "token
 _STANDARD_TERMS = ("loss", "mse", "sparsity", "auxk", "l0", "fired")
 # Settings that do not change what a run computes; a resumed run may differ in these.
 # fast_path and compile compute the same math (to float rounding) as their alternatives.
+# Evaluation settings (final_eval, eval_tokens) only measure the trained weights, so they may change too.
 _RESUME_IGNORED = ("device", "resume", "log_every_steps", "ckpt_every_steps", "run_id", "overrides", "cache",
-                   "eval_every_steps", "eval_delta_ce", "fast_path", "compile", "prefetch", "loader")
+                   "eval_every_steps", "eval_delta_ce", "eval_tokens", "final_eval", "fast_path", "compile", "prefetch",
+                   "loader", "lock_wait_s")
+# Names and locations: the activation cache's content key already covers the model's weights and the text, so a
+# moved repository or a renamed run resumes.
+_RESUME_IGNORED_NESTED = {"model": ("name", "display_name"), "data": ("name", "paths", "eval_paths", "hf_data_files")}
 
 
 @dataclass
@@ -98,6 +104,9 @@ def spec_from_config(cfg: TrainConfig, d: int, d_out: Optional[int] = None) -> S
 def config_fingerprint(cfg: TrainConfig, cache_key: str) -> str:
     """Hash of the settings and the activations that decide the result; a checkpoint resumes only under the same one."""
     settings = {key: value for key, value in dataclasses.asdict(cfg).items() if key not in _RESUME_IGNORED}
+    for section, keys in _RESUME_IGNORED_NESTED.items():
+        if isinstance(settings.get(section), dict):
+            settings[section] = {key: value for key, value in settings[section].items() if key not in keys}
     if settings.get("precision") == "fp32":  # the default, left out so checkpoints from before the setting resume
         del settings["precision"]
     for key, default in (("hook_out", None), ("skip", False)):  # likewise for an SAE's transcoder settings
@@ -488,6 +497,13 @@ class Trainer:
         self.dead.refresh(self._tokens_to_next_log(done))
         return stats
 
+    def interrupt(self, done: int, reason: Optional[str]) -> None:
+        """Stop on request with `done` steps trained: checkpoint them now (unless just done) and raise."""
+        if done != self.last_ckpt:
+            self._checkpoint(done)
+        self._writer.wait()
+        raise TrainingInterrupted(done, reason)
+
     def finish(self) -> TrainResult:
         """The result, once every checkpoint is written (an already finished run rewrites its final one)."""
         cfg = self.cfg
@@ -536,18 +552,22 @@ class Trainer:
 
 
 def fit(cfg: TrainConfig, data: TrainingData, run_dir: Path, device: torch.device, console: Console,
-        evaluator: Optional[Evaluator] = None) -> TrainResult:
+        evaluator: Optional[Evaluator] = None, stop: Optional[StopFlag] = None) -> TrainResult:
     """Train one SAE on `data`; resumes from `run_dir`'s checkpoint when it matches.
 
     `evaluator(sae) -> {"nmse": …, "delta_ce": …}` runs every `cfg.eval_every_steps` on held-out tokens
-    (the offline evaluation's code path) and its numbers go into the step log.
+    (the offline evaluation's code path) and its numbers go into the step log. When `stop` (default: the running
+    command's flag, see saekit.stopping) is set, training checkpoints and raises TrainingInterrupted.
     """
+    stop = stop or current_stop_flag() or StopFlag()
     start = resume_step(cfg, run_dir, data.key)
     # The prefetcher starts first: its first batches (and the epoch's shuffle) are made while the SAE initializes.
     with (Prefetcher(data.batches, start, cfg.n_steps, cfg.prefetch, device) as batches,
           Trainer(cfg, data, run_dir, device, console, evaluator) as trainer, matmul_precision(cfg.precision),
-          _TrainProgress(console, cfg.n_steps, start) as progress):
+          _TrainProgress(console, cfg.n_steps, start) as progress, stop.watching()):
         for step in range(trainer.start, cfg.n_steps):
+            if stop.is_set():
+                trainer.interrupt(step, stop.reason)
             progress.update(step + 1, trainer.step(step, batches.get(step)))
         return trainer.finish()
 
@@ -571,7 +591,8 @@ class _LockstepBatches:
 
 
 def fit_lockstep(jobs: list[tuple[TrainConfig, TrainingData, Path]], device: torch.device, console: Console,
-                 evaluators: Optional[list[Optional[Evaluator]]] = None) -> list[TrainResult]:
+                 evaluators: Optional[list[Optional[Evaluator]]] = None,
+                 stop: Optional[StopFlag] = None) -> list[TrainResult]:
     """Train several SAEs together, one step of each in turn (step s of the first, step s of the second, …).
 
     Each job is (config, data, run folder) and resumes from its own folder, as `fit` would; a shared data source
@@ -586,6 +607,7 @@ def fit_lockstep(jobs: list[tuple[TrainConfig, TrainingData, Path]], device: tor
         raise ConfigError(f"lockstep training needs one n_steps and one precision for every SAE (got n_steps {steps}, "
                           f"precision {precisions}); give them the same n_tokens, batch_size and precision")
     n_steps, evaluators = steps[0], list(evaluators) if evaluators is not None else [None] * len(jobs)
+    stop = stop or current_stop_flag() or StopFlag()
     starts = [resume_step(cfg, run_dir, data.key) for cfg, data, run_dir in jobs]
     schedule = [(step, job) for step in range(min(starts), n_steps) for job in range(len(jobs)) if step >= starts[job]]
     source = _LockstepBatches(schedule, [data.batches for _, data, _ in jobs])
@@ -595,9 +617,12 @@ def fit_lockstep(jobs: list[tuple[TrainConfig, TrainingData, Path]], device: tor
         trainers = [stack.enter_context(Trainer(cfg, data, run_dir, device, console, evaluator))
                     for (cfg, data, run_dir), evaluator in zip(jobs, evaluators)]
         stack.enter_context(matmul_precision(precisions[0]))
+        stack.enter_context(stop.watching())
         progress = stack.enter_context(_TrainProgress(console, n_steps, min(starts)))
         lines: list[str] = []
         for index, (step, job) in enumerate(schedule):
+            if stop.is_set() and (index == 0 or schedule[index - 1][0] != step):  # between two steps
+                _interrupt_all(trainers, step, stop.reason)
             stats = trainers[job].step(step, batches.get(index))
             if stats:
                 lines.append(f"{jobs[job][2].name}: {stats}" if len(jobs) > 1 else stats)
@@ -605,6 +630,17 @@ def fit_lockstep(jobs: list[tuple[TrainConfig, TrainingData, Path]], device: tor
                 progress.update(step + 1, " | ".join(lines) or None)
                 lines = []
         return [trainer.finish() for trainer in trainers]
+
+
+def _interrupt_all(trainers: list[Trainer], done: int, reason: Optional[str]) -> None:
+    """Checkpoint every lockstep SAE at `done` steps (one resumed beyond `done` has not moved: it keeps its own), then
+    raise TrainingInterrupted."""
+    for trainer in trainers:
+        try:
+            trainer.interrupt(max(done, trainer.start), reason)
+        except TrainingInterrupted:
+            pass
+    raise TrainingInterrupted(done, reason)
 
 
 def _log_row(terms: dict, step: int, cfg: TrainConfig, dead: DeadLatents, lr: float, tokens_per_s: float,
