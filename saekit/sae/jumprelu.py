@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from saekit.errors import require
-from saekit.sae.base import SAESpec, SparseAutoencoder
+from saekit.sae import active_set
+from saekit.sae.active_set import rectangle as _rectangle  # K, shared with the active-set path
+from saekit.sae.base import DeadLatentsArg, SAESpec, SparseAutoencoder
 from saekit.sae.registry import LatentParam, VariantConfig, register
-
-
-def _rectangle(u: torch.Tensor) -> torch.Tensor:
-    return (u.abs() < 0.5).to(u.dtype)
 
 
 class JumpReLUFunction(torch.autograd.Function):
@@ -87,6 +86,7 @@ class JumpReLUSAE(SparseAutoencoder):
     name = "jumprelu"
     Config = JumpReLUConfig
     homogeneous = True  # up to the small initial threshold
+    has_sparse_path = True
 
     def __init__(self, spec: SAESpec):
         super().__init__(spec)
@@ -102,6 +102,12 @@ class JumpReLUSAE(SparseAutoencoder):
     def sparsity_loss(self, z: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
         l0 = step(h, self.threshold, self.cfg.bandwidth).sum(dim=-1).mean()
         return {"sparsity": self.spec.lam * l0}
+
+    def sparse_loss_terms(self, x: torch.Tensor, dead: DeadLatentsArg,
+                          y: Optional[torch.Tensor] = None) -> Optional[dict[str, torch.Tensor]]:
+        """Through the active entries and the band within ε/2 of θ (sae/active_set.py); None (the dense path)
+        while codes are dense."""
+        return active_set.jumprelu_terms(self, x, dead, y, self.cfg.bandwidth)
 
     def param_groups(self) -> list[dict]:
         """log θ moves by about lr per Adam step; `threshold_lr_scale` lets short runs reach useful thresholds."""

@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 
 from dataclasses import dataclass
+from typing import Optional
 
 from saekit.errors import check_choice
-from saekit.sae.base import SparseAutoencoder
+from saekit.sae import active_set
+from saekit.sae.base import DeadLatentsArg, SparseAutoencoder
 from saekit.sae.registry import register
 from saekit.sae.relu import PenaltyConfig, penalty
 
@@ -59,6 +61,7 @@ class ProLUSAE(SparseAutoencoder):
     name = "prolu"
     Config = ProLUConfig
     homogeneous = True
+    has_sparse_path = True
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """m = W_enc (x − b_pre): the bias is applied inside the activation as a gate."""
@@ -69,6 +72,11 @@ class ProLUSAE(SparseAutoencoder):
 
     def sparsity_loss(self, z: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"sparsity": self.spec.lam * penalty(z, self.W_dec, self.cfg.penalty)}
+
+    def sparse_loss_terms(self, x: torch.Tensor, dead: DeadLatentsArg,
+                          y: Optional[torch.Tensor] = None) -> Optional[dict[str, torch.Tensor]]:
+        """Through the gate's support m > max(0, −b) (sae/active_set.py); None (the dense path) while it is dense."""
+        return active_set.prolu_terms(self, x, dead, y, self.cfg.penalty, self.cfg.grad_mode)
 
     def swap_preacts(self, x: torch.Tensor) -> torch.Tensor:
         """m where the bias gate is open, 0 elsewhere: the values this latent can report."""

@@ -10,13 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from dataclasses import dataclass
+from typing import Optional
 
 from saekit.errors import check_choice
-from saekit.sae.base import SparseAutoencoder
+from saekit.sae import active_set
+from saekit.sae.active_set import SQRT_EPS as _SQRT_EPS  # keeps d/dz sqrt(z) finite at z = 0
+from saekit.sae.base import DeadLatentsArg, SparseAutoencoder
 from saekit.sae.registry import VariantConfig, register
 
 PENALTIES = ("l1", "sqrt_l1")
-_SQRT_EPS = 1e-8  # keeps d/dz sqrt(z) finite at z = 0
 
 
 def l1_penalty(z: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
@@ -56,9 +58,15 @@ class ReLUSAE(SparseAutoencoder):
     name = "relu"
     Config = ReLUConfig
     homogeneous = True
+    has_sparse_path = True
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
         return F.relu(h)
 
     def sparsity_loss(self, z: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"sparsity": self.spec.lam * penalty(z, self.W_dec, self.cfg.penalty)}
+
+    def sparse_loss_terms(self, x: torch.Tensor, dead: DeadLatentsArg,
+                          y: Optional[torch.Tensor] = None) -> Optional[dict[str, torch.Tensor]]:
+        """Through the active set h > 0 (sae/active_set.py); None (the dense path) while codes are dense."""
+        return active_set.relu_terms(self, x, dead, y, self.cfg.penalty)
