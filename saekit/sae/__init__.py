@@ -11,7 +11,7 @@ from saekit.sae.base import SAESpec, SparseAutoencoder, geometric_median
 from saekit.sae.registry import REGISTRY, LatentParam, VariantConfig, register, sae_class, variant_config
 from saekit.sae.swap import SwappedActivation, swap_activation
 
-_SUPPORT_MODULES = {"base", "registry", "sparse", "swap"}
+_SUPPORT_MODULES = {"active_set", "base", "registry", "sparse", "swap"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _SUPPORT_MODULES and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
