@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from saekit.metrics import row_chunks
+from saekit.synthetic import planted_geometry
 
 ABSORPTION_CUTOFF = 0.5
 
@@ -65,11 +66,7 @@ class PlantedHierarchy:
     mean: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        generator = torch.Generator().manual_seed(self.seed)
-        directions = torch.randn(self.n_features, self.d, generator=generator)
-        self.directions = directions / directions.norm(dim=1, keepdim=True)
-        mean = torch.randn(self.d, generator=generator)
-        self.mean = mean / mean.norm() * self.mean_norm
+        self.directions, self.mean = planted_geometry(self.n_features, self.d, self.mean_norm, self.seed)
 
     @property
     def n_features(self) -> int:

@@ -29,6 +29,14 @@ from saekit.train import TrainingData, fit
 RECOVERY_COSINE = 0.9
 
 
+def planted_geometry(n_features: int, d: int, mean_norm: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_features, d) random unit feature directions and a (d,) mean of norm `mean_norm`, drawn from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(n_features, d, generator=generator)
+    mean = torch.randn(d, generator=generator)
+    return directions / directions.norm(dim=1, keepdim=True), mean / mean.norm() * mean_norm
+
+
 @dataclass
 class PlantedDictionary:
     """The generating process. Defaults: 128 features in d = 32, about 4 active per token."""
@@ -50,13 +58,9 @@ class PlantedDictionary:
     mean: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        generator = torch.Generator().manual_seed(self.seed)
-        directions = torch.randn(self.n_features, self.d, generator=generator)
-        self.directions = directions / directions.norm(dim=1, keepdim=True)
+        self.directions, self.mean = planted_geometry(self.n_features, self.d, self.mean_norm, self.seed)
         raw = (torch.arange(self.n_features, dtype=torch.float64) + 1).pow(-self.power)
         self.frequencies = (raw * self.mean_active / raw.sum()).clamp(max=self.max_frequency).float()
-        mean = torch.randn(self.d, generator=generator)
-        self.mean = mean / mean.norm() * self.mean_norm
 
     def sample(self, n_tokens: int, seed: int) -> torch.Tensor:
         """(n_tokens, d) activations; coefficients are 0.5 + Exp(1)·0.5 (non-negative, varied magnitudes)."""
