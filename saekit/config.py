@@ -505,18 +505,15 @@ class EvalConfig:
         require(self.lock_wait_s >= 0, f"lock_wait_s={self.lock_wait_s} must be >= 0 (0 refuses a busy run folder at once)")
 
 
-def register_variant_schemas() -> None:
-    from saekit.sae import registry
-
-    registry.register_schemas()
-
-
 def register_schemas() -> None:
-    """Register the schemas in Hydra's ConfigStore so `conf/` is validated against them."""
+    """Register the schemas in Hydra's ConfigStore so `conf/` is validated against them (the variants' own under
+    `schema/activation/<name>`)."""
     from hydra.core.config_store import ConfigStore
+
+    from saekit.sae import registry
 
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    register_variant_schemas()
+    registry.register_schemas()
     cs.store(name="cache_schema", node=CacheCommandConfig)
     cs.store(name="eval_schema", node=EvalConfig)
