@@ -8,13 +8,16 @@ with a non-zero exit.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import shutil
 import sys
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 COMMANDS = {
     "train": ("train", "train an SAE (builds the activation cache on demand), evaluate it, write results.csv"),
@@ -25,6 +28,11 @@ COMMANDS = {
     "report": ("", "Pareto plots, progressive-code curves, a power-law fit and report.md: saekit report <sweep folder>"),
 }
 EXIT_USER_ERROR = 2
+# What a full disk, a quota or a read-only / forbidden folder raise (the cache's list, for the run folder).
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+FILE_ONLY = {"console": False}
+"""`extra=` for a log record meant for the job log file alone (saekit.logs' console handler skips it)."""
+log = logging.getLogger("saekit.cli")
 _HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--shell-completion", "-sc")
 
 
@@ -123,9 +131,16 @@ def _register() -> None:
         OmegaConf.register_new_resolver("saekit_dirname", run_dirname)
 
 
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-+@%")
+
+
 def run_dirname(override_dirname: str) -> str:
-    """A folder name from the command's overrides: same command → same folder (and resume)."""
-    name = override_dirname.replace(os.sep, "_").replace("[", "").replace("]", "").replace("'", "") or "default"
+    """A folder name from the command's overrides (Hydra joins them as `k-32__activation-topk`): same command →
+    same folder (and resume). Only characters Hydra reads unquoted are kept, so the folder can be passed back as
+    `ckpt=<folder>` or `hydra.run.dir=<folder>` as it is; list values keep their items (`layer-0.1.2`)."""
+    name = override_dirname.replace(os.sep, "_").replace(",", ".").replace(":", "-")
+    name = "".join(char for char in name if char not in "[]{}()'\" ")
+    name = "".join(char if char in _NAME_CHARS else "_" for char in name) or "default"
     if len(name) > 120:
         import hashlib
 
@@ -140,24 +155,115 @@ def to_dataclass(cfg) -> Any:
     return OmegaConf.to_object(cfg)
 
 
-def preflight(config_name: str, overrides: list[str]) -> Any:
-    """Compose and validate before Hydra creates any folder, so bad input leaves nothing behind."""
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where Hydra finds the primary config: `-cn/--config-name`, `-cp/--config-path`, `-cd/--config-dir`."""
+
+    name: str
+    path: str = ""
+    """The primary config folder; empty: saekit's conf/."""
+    extra_dir: str = ""
+    """A folder added to the search path (Hydra's -cd)."""
+
+    def primary_dir(self) -> str:
+        """Where Hydra's compose API looks for the primary config: Hydra's main reads -cd's folder for it too."""
+        if self.path:
+            return self.path
+        if self.extra_dir and any((Path(self.extra_dir) / f"{self.name}{ext}").is_file() for ext in (".yaml", ".yml")):
+            return self.extra_dir
+        return str(conf_dir())
+
+    def search_path(self, for_compose: bool) -> list[str]:
+        """`hydra.searchpath` for this source: saekit's conf/ beside a -cp folder (so a config there can extend
+        `train`); for the compose API also the -cd folder (hydra.main takes that one as --config-dir)."""
+        folders = [str(conf_dir()), *([self.extra_dir] if for_compose and self.extra_dir else [])]
+        folders = [folder for folder in folders if folder != (self.primary_dir() if for_compose else self.path or
+                                                               str(conf_dir()))]
+        return [f"hydra.searchpath=[{','.join('file://' + folder for folder in folders)}]"] if folders else []
+
+
+@contextmanager
+def _composing(source: ConfigSource) -> Iterator[Callable[..., Any]]:
+    """Hydra's compose API for one command's config source; yields compose(overrides, **kwargs)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from saekit.errors import SaekitError
-
-    task_overrides = [item for item in overrides if not item.startswith(("hydra.", "+hydra.", "~hydra."))]
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return to_dataclass(compose(config_name=config_name, overrides=task_overrides))
+        with initialize_config_dir(config_dir=source.primary_dir(), version_base="1.3"):
+            yield lambda overrides, **kwargs: compose(config_name=source.name,
+                                                      overrides=[*overrides, *source.search_path(for_compose=True)],
+                                                      **kwargs)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _task_overrides(overrides: list[str]) -> list[str]:
+    return [item for item in overrides if not item.lstrip("+~").startswith(("hydra.", "hydra/"))]
+
+
+def preflight(config_name: str, overrides: list[str], source: Optional[ConfigSource] = None) -> Any:
+    """Compose and validate before Hydra creates any folder, so bad input leaves nothing behind."""
+    from saekit.errors import SaekitError
+
+    try:
+        with _composing(source or ConfigSource(config_name)) as compose:
+            return to_dataclass(compose(_task_overrides(overrides)))
     except SaekitError as exc:
         _fail(str(exc))
     except Exception as exc:  # Hydra and OmegaConf raise many types; all are configuration mistakes here
         _fail(describe_config_error(exc))
-    finally:
-        GlobalHydra.instance().clear()
+
+
+_GRID_SWEEPERS = ("SaekitSweeper", "BasicSweeper")
+
+
+def preflight_sweep(source: ConfigSource, overrides: list[str]) -> list[list[str]]:
+    """Every job of a multirun, composed and typed before Hydra creates the sweep folder.
+
+    A malformed override or a job whose settings do not compose (an unknown key, `k=abc`, a misspelled `+key`) is
+    refused in one line: nothing runs, nothing is written. A value that composes but fails saekit's checks
+    (`k=600` with n=512) stays that job's failure, recorded in the sweep table while the other jobs run. With a
+    sweeper that picks the values itself (Optuna, Nevergrad), the settings outside its search are checked.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from saekit.errors import SaekitError
+    from saekit.sweep import expand_jobs
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as exc:
+        _fail(f"cannot read the overrides: {_first_line(exc)} (values with spaces, = or , need quotes)")
+    task = _task_overrides(overrides)
+    fixed = [item.input_line for item in parsed if not item.is_sweep_override()]
+    with _composing(source) as compose:
+        try:
+            sweeper = compose(fixed, return_hydra_config=True).hydra.sweeper
+            jobs = expand_jobs(task, sweeper.get("params"), sweeper.get("groups")) \
+                if str(sweeper.get("_target_", "")).endswith(_GRID_SWEEPERS) else [_task_overrides(fixed)]
+        except SaekitError:
+            jobs = [task]  # the fixed settings fail a value check: the jobs below say which
+        except Exception as exc:
+            _fail(describe_config_error(exc))
+        for job in jobs:
+            _check_sweep_job(compose, job)
+    return jobs
+
+
+def _check_sweep_job(compose: Callable[..., Any], job: list[str]) -> None:
+    from saekit.errors import ConfigError, SaekitError
+
+    try:
+        typed = to_dataclass(compose(job))
+    except SaekitError:
+        return  # a value check: this job fails alone when it runs
+    except Exception as exc:
+        _fail(f"sweep job {' '.join(job)}: {describe_config_error(exc)}")
+    try:
+        refuse_unknown_additions(typed, job)
+    except ConfigError as exc:
+        _fail(str(exc))
 
 
 def _absolute(path: str) -> str:
@@ -185,7 +291,7 @@ _HYDRA_SUBDIR = ".hydra"
 _GUARDED_FILES = ("config.json", "status.json")
 
 
-def _guarded(task: Callable[[Any, Path], None], cfg) -> None:
+def _guarded(task: Callable[[Any, Path], Any], cfg) -> Any:
     """Run a task holding its run folder's lock, with Ctrl-C/SIGTERM stopping training at a checkpoint.
 
     A busy folder is refused in one line naming the other process (exit 2), or waited for (lock_wait_s). Hydra's
@@ -211,10 +317,10 @@ def _guarded(task: Callable[[Any, Path], None], cfg) -> None:
             except SaekitError as exc:
                 if hydra_cfg.mode == RunMode.MULTIRUN:  # the folder is another process's: write nothing there
                     print(f"saekit: job skipped ({run_dir.name}): {exc}", file=sys.stderr)
-                    return
+                    return None  # no value: a sweeper plugin (Optuna) records a failed trial
                 _fail(str(exc))
             with _hydra_files(run_dir, cfg):
-                _run_task(task, cfg, run_dir)
+                return _run_task(task, cfg, run_dir)
     except (TrainingInterrupted, Interrupted) as exc:
         message = str(exc) if isinstance(exc, TrainingInterrupted) else "interrupted; run the same command to resume"
         print(f"saekit: {message}", file=sys.stderr)
@@ -262,10 +368,12 @@ def _read_bytes(path: Path) -> Optional[bytes]:
         return None
 
 
-def _run_task(task: Callable[[Any, Path], None], cfg, run_dir: Path) -> None:
-    """Run a task; a SaekitError becomes one line on stderr and exit code 2.
+def _run_task(task: Callable[[Any, Path], Any], cfg, run_dir: Path) -> Any:
+    """Run a task and return its result; a SaekitError becomes one line on stderr and exit code 2.
 
-    In a sweep, a failing job is recorded in its folder's status.json (with the error) and the sweep goes on.
+    In a sweep, a failing job is recorded in its folder's status.json (with the error) and the sweep goes on; it
+    returns no objective, which sweeper plugins record as a failed trial. Tracebacks of errors that are not the user's
+    (a bug) go to the run folder's job log (`<command>.log`), never only to the terminal.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -276,22 +384,39 @@ def _run_task(task: Callable[[Any, Path], None], cfg, run_dir: Path) -> None:
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         try:
-            task(cfg, run_dir)
+            return _with_disk_errors(task, cfg, run_dir, "hydra.sweep.dir")
         except TrainingInterrupted:  # Ctrl-C stops the sweep, not just this job
             raise
         except Exception as exc:  # one job's failure, whatever it is, must not stop the others
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if not isinstance(exc, SaekitError):
                 message = f"{type(exc).__name__}: {message}"
+                log.error("job %s failed", run_dir.name, exc_info=True, extra=FILE_ONLY)
             write_status(run_dir, "failed", error=message)
             print(f"saekit: job failed ({run_dir.name}): {message}", file=sys.stderr)
-        return
+            return None  # no value: a sweeper plugin (Optuna) records a failed trial
     try:
-        task(cfg, run_dir)
+        return _with_disk_errors(task, cfg, run_dir, "hydra.run.dir")
     except SaekitError as exc:
         if _keeps_nothing(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
         _fail(str(exc))
+    except Exception:
+        log.error("%s failed", run_dir, exc_info=True, extra=FILE_ONLY)
+        raise
+
+
+def _with_disk_errors(task: Callable[[Any, Path], Any], cfg, run_dir: Path, setting: str) -> Any:
+    """A full, read-only or forbidden run folder is the user's to fix: one line naming the folder and the fix."""
+    from saekit.cache import disk_error
+
+    try:
+        return task(cfg, run_dir)
+    except OSError as exc:
+        inside = exc.filename is None or Path(str(exc.filename)).resolve().is_relative_to(run_dir.resolve())
+        if exc.errno not in _DISK_ERRNOS or not inside:
+            raise
+        raise disk_error(exc, setting, run_dir) from exc
 
 
 try:
@@ -324,12 +449,12 @@ class SweepTableCallback(_HydraCallback):
         print(f"sweep: {len(jobs)} jobs, {last_sweep['failed_jobs']} failed; table: {sweep_dir / 'results.csv'}")
 
 
-def _hydra_run(config_name: str, task: Callable[[Any, Path], None]) -> None:
+def _hydra_run(source: ConfigSource, task: Callable[[Any, Path], Any]) -> None:
     import hydra
 
-    @hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")
-    def entry(cfg) -> None:
-        _guarded(task, cfg)
+    @hydra.main(config_path=source.path or str(conf_dir()), config_name=source.name, version_base="1.3")
+    def entry(cfg) -> Any:
+        return _guarded(task, cfg)
 
     entry()
 
@@ -349,15 +474,22 @@ def quote_path_values(args: list[str]) -> list[str]:
     return quoted
 
 
-_FLAGS_WITH_VALUE = ("--cfg", "-c", "--info", "-i", "--package", "-p", "--shell-completion", "-sc")
+_FLAGS_WITH_VALUE = ("--cfg", "-c", "--info", "-i", "--package", "-p", "--shell-completion", "-sc", "--config-name", "-cn",
+                     "--config-path", "-cp", "--config-dir", "-cd", "--experimental-rerun")
+_MULTIRUN_FLAGS = ("-m", "--multirun")
+_SOURCE_FLAGS = {"--config-name": "name", "-cn": "name", "--config-path": "path", "-cp": "path", "--config-dir": "extra_dir",
+                 "-cd": "extra_dir"}
 
 
 def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
-    """(Hydra flags with their values, overrides): Hydra's parser wants the flags first; users write them anywhere."""
+    """(Hydra flags with their values, overrides): Hydra's parser wants the flags first; users write them anywhere.
+
+    An override never starts with `-` (`~key` deletes one), so every such word is a flag; `--flag=value` and
+    `--flag value` are both read."""
     flags, overrides, index = [], [], 0
     while index < len(args):
         arg = args[index]
-        if arg.split("=")[0] in _HYDRA_FLAGS or arg in ("--package", "-p"):
+        if arg.startswith("-"):
             flags.append(arg)
             takes_value = arg in _FLAGS_WITH_VALUE and index + 1 < len(args) and "=" not in args[index + 1] \
                 and not args[index + 1].startswith("-")
@@ -370,16 +502,35 @@ def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
-@contextmanager
-def _hydra_argv(argv: list[str]) -> Iterator[None]:
-    """`hydra.main` reads its arguments only from sys.argv: hand them over for the run, then put the caller's back
-    (main(argv) called from Python leaves the process as it found it)."""
-    saved = sys.argv
-    sys.argv = argv
-    try:
-        yield
-    finally:
-        sys.argv = saved
+def config_source(flags: list[str], default_name: str) -> tuple[ConfigSource, list[str]]:
+    """The config source named by -cn/-cp/-cd, and the other flags (for Hydra). Folders are made absolute: Hydra
+    would read a relative --config-path from saekit's package folder, not from where the command runs."""
+    found, passed, index = {"name": default_name}, [], 0
+    while index < len(flags):
+        flag, sep, value = flags[index].partition("=")
+        if flag in _SOURCE_FLAGS:
+            if not sep:
+                index += 1
+                if index >= len(flags):
+                    _fail(f"{flag} needs a value (e.g. {flag} <{_SOURCE_FLAGS[flag].replace('_', ' ')}>)")
+                value = flags[index]
+            field = _SOURCE_FLAGS[flag]
+            if field != "name":
+                value = str(Path(value).expanduser().resolve())
+                if not Path(value).is_dir():
+                    _fail(f"{flag} {value}: not a folder; pass the folder that holds your config files")
+            found[field] = value
+            if field == "extra_dir":
+                passed += [flag, value]
+        else:
+            passed.append(flags[index])
+        index += 1
+    return ConfigSource(**found), passed
+
+
+def _is_info_request(flags: list[str]) -> bool:
+    """--help, --cfg job, --info, ...: Hydra prints and runs nothing."""
+    return any(flag.split("=")[0] in _HYDRA_FLAGS for flag in flags)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -394,41 +545,88 @@ def main(argv: Optional[list[str]] = None) -> None:
         return _report(rest)
     if command == "cache" and rest[:1] == ["verify"]:
         return _verify_cache(rest[1:])
-    if command == "sweep" and any(arg.startswith("sweep=") for arg in rest):
-        return _preset_sweep(rest)
-    config_name = COMMANDS[command][0]
     _register()
-    wants_hydra_flag = any(arg.split("=")[0] in _HYDRA_FLAGS for arg in rest)
-    multirun = command == "sweep"
-    if multirun and any(arg in ("--cfg", "-c") for arg in rest):
-        return _print_sweep_jobs([rest])
-    if not wants_hydra_flag and not multirun:
-        checked = preflight(config_name, rest)
-        _refuse_or_fail(checked, rest)
+    flags, overrides = split_flags(rest)
+    multirun = command == "sweep" or any(flag in _MULTIRUN_FLAGS for flag in flags)
+    flags = [flag for flag in flags if flag not in _MULTIRUN_FLAGS]
+    source, flags = config_source(flags, COMMANDS[command][0])
+    overrides = [_experiment_spelling(item) if multirun else item for item in overrides]
+    if multirun and command not in ("train", "sweep"):
+        _fail(f"-m/--multirun sweeps `saekit train`; use saekit sweep <settings> (not saekit {command} -m)")
+    if multirun:
+        jobs = preflight_sweep(source, overrides)
+        if any(flag in ("--cfg", "-c") for flag in flags):
+            return _print_sweep_jobs(source, jobs)
+    elif not _is_info_request(flags):
+        checked = preflight(source.name, overrides, source)
+        _refuse_or_fail(checked, overrides)
         if command == "hooks":  # prints only: no run folder, no log file
             from saekit import tasks
 
             absolutize_paths(checked)
-            return _run_plain(tasks.hooks, checked)
+            return _run_plain(tasks.hooks, checked, Path("."))
+    _launch(command, source, flags, overrides, multirun)
+
+
+@contextmanager
+def _hydra_argv(argv: list[str]) -> Iterator[None]:
+    """`hydra.main` reads its arguments only from sys.argv: hand them over for the run, then put the caller's back
+    (main(argv) called from Python leaves the process as it found it)."""
+    saved = sys.argv
+    sys.argv = argv
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def _launch(command: str, source: ConfigSource, flags: list[str], overrides: list[str], multirun: bool) -> None:
     from saekit import tasks
+    from saekit.sweep import last_sweep
 
     task = {"train": tasks.train, "sweep": tasks.train, "eval": tasks.evaluate, "cache": tasks.cache,
             "hooks": tasks.hooks}[command]
     # Hydra's parser wants its flags before the overrides.
-    flags, overrides = split_flags(rest)
     hydra_argv = [f"saekit-{command}", *(["--multirun"] if multirun else []), *flags, f"hydra.job.name={command}",
-                  *overrides]
+                  *source.search_path(for_compose=False), *overrides]
+    last_sweep["failed_jobs"] = 0
     with _hydra_argv(hydra_argv), warnings.catch_warnings():
         # Libraries' UserWarnings (transformer-lens, torch) drown the one-line output; only for this command's run.
         warnings.simplefilter("ignore", UserWarning)
-        _hydra_run(config_name, lambda cfg, run_dir: task(_prepare(cfg), run_dir))
-    from saekit.sweep import last_sweep
-
+        _hydra_run(source, lambda cfg, run_dir: _run_and_score(task, cfg, run_dir))
     if multirun and last_sweep["failed_jobs"] < 0:
         sys.exit(1)
     if multirun and last_sweep["failed_jobs"]:
         _fail(f"{last_sweep['failed_jobs']} sweep job(s) failed (status and error in the sweep's results.csv); "
               f"fix them and run the same command again: finished jobs are not retrained")
+
+
+def _run_and_score(task: Callable[[Any, Path], Any], cfg, run_dir: Path) -> Union[None, float, list[float]]:
+    """Run the task; for training, return the `objective` metric, which sweeper plugins (Optuna, Nevergrad, Ax)
+    minimize or maximize."""
+    typed = _prepare(cfg)
+    return objective_value(typed, task(typed, run_dir))
+
+
+def objective_value(cfg: Any, result: Any) -> Union[None, float, list[float]]:
+    """The held-out value of `cfg.objective` (default nmse; a list of names gives a list of values) from a training
+    result, the mean over hooks when one run trained several. None for commands that train nothing, and when a
+    value is missing or NaN: Optuna's sweeper records None as a failed trial but stops the whole search on NaN."""
+    import math
+
+    names = getattr(cfg, "objective", None)
+    if names is None or not isinstance(result, dict) or not result:
+        return None
+    per_hook = list(result.values()) if all(isinstance(value, dict) for value in result.values()) else [result]
+
+    def mean_of(name: str) -> float:
+        values = [float(metrics[name]) for metrics in per_hook if name in metrics]
+        return sum(values) / len(values) if values else float("nan")
+
+    values = [mean_of(name) for name in ([names] if isinstance(names, str) else names)]
+    if any(math.isnan(value) for value in values):
+        return None
+    return values[0] if isinstance(names, str) else values
 
 
 def _refuse_or_fail(typed: Any, overrides: list[str]) -> None:
@@ -440,60 +638,31 @@ def _refuse_or_fail(typed: Any, overrides: list[str]) -> None:
         _fail(str(exc))
 
 
-def _preset_sweep(args: list[str]) -> None:
-    """`saekit sweep sweep=<preset>`: each group of conf/sweep/<preset>.yaml is one Hydra multirun, all into one
-    sweep folder (default outputs/sweeps/<preset>, so the same command resumes), then one table over all jobs."""
-    import subprocess
-
-    import yaml
-
-    name = next(arg for arg in args if arg.startswith("sweep=")).partition("=")[2]
-    presets = sorted(path.stem for path in (conf_dir() / "sweep").glob("*.yaml"))
-    if name not in presets:
-        _fail(f"sweep={name} is not a preset; use one of: {', '.join(presets)}")
-    preset = yaml.safe_load((conf_dir() / "sweep" / f"{name}.yaml").read_text())
-    rest = [arg for arg in args if not arg.startswith("sweep=")]
-    if not any(arg.startswith("hydra.sweep.dir=") for arg in rest):
-        rest.append(f"hydra.sweep.dir=outputs/sweeps/{name}")
-    if any(arg in ("--cfg", "-c") for arg in rest):
-        return _print_sweep_jobs([[*preset.get("common", []), *group, *rest] for group in preset["groups"]])
-    failed = 0
-    for group in preset["groups"]:
-        command = [sys.executable, "-m", "saekit.cli", "sweep", *preset.get("common", []), *group, *rest]
-        failed += subprocess.run(command).returncode != 0
-    if failed:
-        _fail(f"sweep={name}: {failed} of {len(preset['groups'])} groups had failures (see the sweep's results.csv); "
-              f"run the same command again to retry them")
+def experiments() -> list[str]:
+    return sorted(path.stem for path in (conf_dir() / "experiment").glob("*.yaml"))
 
 
-def expand_sweep(overrides: list[str]) -> list[list[str]]:
-    """The jobs of a basic-sweeper multirun: the cartesian product of comma-separated values (lists kept whole)."""
-    jobs: list[list[str]] = [[]]
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        choices = value.split(",") if sep and "," in value and not value.startswith(("[", "{", "'", '"')) else [value]
-        jobs = [job + [f"{key}{sep}{choice}" if sep else item] for job in jobs for choice in choices]
-    return jobs
+def _experiment_spelling(override: str) -> str:
+    """`sweep=<preset>`, the spelling before experiments were a config group, still names one."""
+    key, sep, name = override.partition("=")
+    if key != "sweep" or not sep:
+        return override
+    if name not in experiments():
+        _fail(f"sweep={name} is not a preset; use one of: {', '.join(experiments())}")
+    return f"+experiment={name}"
 
 
-def _print_sweep_jobs(groups: list[list[str]]) -> None:
-    """`--cfg job` for a sweep: compose and print every job's config (Hydra refuses --cfg with --multirun)."""
+def _print_sweep_jobs(source: ConfigSource, jobs: list[list[str]]) -> None:
+    """`--cfg job` for a sweep: every job's composed config (Hydra refuses --cfg with --multirun)."""
     from omegaconf import OmegaConf
 
-    _register()
-    index = 0
-    for group in groups:
-        flags, overrides = split_flags(group)
-        overrides = [arg for arg in overrides if not arg.startswith(("hydra.", "+hydra."))]
-        for job in expand_sweep(overrides):
-            checked = preflight("train", job)
+    with _composing(source) as compose:
+        for index, job in enumerate(jobs):
             print(f"# job {index}: {' '.join(job)}")
-            print(OmegaConf.to_yaml(OmegaConf.structured(checked)))
-            index += 1
+            print(OmegaConf.to_yaml(compose(job)))
 
 
 def _report(args: list[str]) -> None:
-    from saekit.errors import SaekitError
     from saekit.sweep_report import write_report
 
     if len(args) != 1 or args[0].startswith("-"):
@@ -501,16 +670,12 @@ def _report(args: list[str]) -> None:
     folder = Path(args[0].strip("'\"")).expanduser()
     if not folder.is_dir():
         _fail(f"report: {folder} is not a folder; pass the hydra.sweep.dir of a sweep")
-    try:
-        path = write_report(folder)
-    except SaekitError as exc:
-        _fail(str(exc))
+    path = _run_plain(write_report, folder)
     print(f"report: {path} (plots beside it)")
 
 
 def _verify_cache(args: list[str]) -> None:
     """`saekit cache verify <cache folder>`: exit 0 when every file matches its manifest, 2 naming the first that does not."""
-    from saekit.errors import SaekitError
     from saekit.tasks import verify_cache
 
     if len(args) != 1 or args[0].startswith("-") or "=" in args[0]:
@@ -518,24 +683,32 @@ def _verify_cache(args: list[str]) -> None:
     folder = Path(args[0].strip("'\"")).expanduser()
     if not folder.is_dir():
         _fail(f"cache verify: {folder} is not a folder; pass one cache folder (<cache.dir>/<key>)")
-    try:
-        verify_cache(folder)
-    except SaekitError as exc:
-        _fail(str(exc))
+    _run_plain(verify_cache, folder)
 
 
-def _run_plain(task: Callable[[Any, Path], None], cfg) -> None:
+def _run_plain(function: Callable[..., Any], *args: Any) -> Any:
+    """A command that runs outside Hydra (no run folder): its log lines go to the terminal for its length, and a
+    SaekitError is one line."""
     from saekit.errors import SaekitError
+    from saekit.logs import console_handler
 
+    handler, logger = console_handler(), logging.getLogger("saekit")
+    saved_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
-        task(cfg, Path("."))
+        return function(*args)
     except SaekitError as exc:
         _fail(str(exc))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved_level)
 
 
 def _prepare(cfg):
     """DictConfig → dataclass with absolute paths and the command-line overrides recorded."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     typed = to_dataclass(cfg)
     if hasattr(typed, "model"):
@@ -546,6 +719,8 @@ def _prepare(cfg):
         task_overrides = list(HydraConfig.get().overrides.task)
         refuse_unknown_additions(typed, task_overrides)  # sweep jobs skip main's check
         typed.overrides = parse_overrides(task_overrides)
+    if HydraConfig.get().mode == RunMode.MULTIRUN and getattr(typed, "logger", None) and typed.logger.group is None:
+        typed.logger.group = Path(HydraConfig.get().sweep.dir).name  # a sweep's jobs side by side in the tracker
     return typed
 
 

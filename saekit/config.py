@@ -24,6 +24,8 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 CACHE_VERIFY = ("size", "full")
 CACHE_MODES = ("disk", "stream")
 SHUFFLES = ("auto", "global", "block")
+LOGGERS = ("none", "wandb", "tensorboard")
+WANDB_MODES = ("offline", "online", "disabled")
 
 
 @dataclass
@@ -183,6 +185,13 @@ class InitConfig:
         require(self.n_sample_tokens > 0, f"init.n_sample_tokens={self.n_sample_tokens} must be positive")
 
 
+# The held-out metrics `train` reports (its `objective` names one or several): always, with final_eval.downstream,
+# and with final_eval.refine_tokens.
+OBJECTIVE_METRICS = ("nmse", "mse", "explained_variance", "l0", "dead_frac", "dead_frac_train")
+DOWNSTREAM_METRICS = ("delta_ce", "loss_recovered", "kl", "ce_clean", "ce_spliced")
+REFINE_METRICS = ("refine_ratio", "refine_mse_gain")
+
+
 @dataclass
 class FinalEvalConfig:
     """What `saekit train` evaluates after training, beyond the reconstruction metrics (`saekit eval` does all)."""
@@ -242,6 +251,34 @@ class LoaderConfig:
         require(self.buffer_tokens is None or self.buffer_tokens > 0,
                 f"loader.buffer_tokens={self.buffer_tokens} must be positive (or null to size it from free memory)")
         require(self.block_kib >= 1024, f"loader.block_kib={self.block_kib} must be at least 1024 (1 MiB blocks)")
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking (`logger=none|wandb|tensorboard`): the step log, the final metrics table and the run
+    config go to the tracker, one tracker run per training job, named after its run id."""
+
+    name: str = "none"
+    """`none`, `wandb` (pip install "saekit[wandb]") or `tensorboard` (pip install "saekit[tensorboard]")."""
+    project: str = "saekit"
+    """wandb: the project the runs go to."""
+    entity: Optional[str] = None
+    """wandb: the team or user; None: the account's default."""
+    group: Optional[str] = None
+    """wandb: a group gathering runs (e.g. one sweep's jobs); None: no group."""
+    tags: list[str] = field(default_factory=list)
+    """wandb: tags of every run."""
+    mode: str = "offline"
+    """wandb: `offline` (the default: works without an account or a network; upload later with `wandb sync`),
+    `online` or `disabled`."""
+    dir: Optional[str] = None
+    """Where tracker files go; None: inside the run folder (<run>/tensorboard, <run>/wandb). A shared folder holds
+    one sub-folder per run (TensorBoard: <dir>/<run id>), so one `tensorboard --logdir <dir>` compares a sweep."""
+
+    def __post_init__(self) -> None:
+        check_choice("logger", self.name, LOGGERS)
+        check_choice("logger.mode", self.mode, WANDB_MODES)
+        require(bool(self.project), "logger.project is empty; name a project, e.g. logger.project=saekit")
 
 
 def _as_list(value: Any) -> Optional[list]:
@@ -354,6 +391,8 @@ class TrainConfig(SiteConfig):
     init: InitConfig = field(default_factory=InitConfig)
     final_eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """Experiment tracking (conf/logger/): none, wandb or tensorboard."""
     n: int = 512
     """Number of latents (dictionary size)."""
     k: int = 32
@@ -390,9 +429,13 @@ class TrainConfig(SiteConfig):
     """Batches gathered ahead of the training step in a background thread (pinned memory on CUDA); 0 turns it off."""
     skip: bool = False
     """Transcoders (hook_out set): add a linear skip path, ŷ = W_dec z + b_out + W_skip x (W_skip zero at init)."""
+    objective: Any = "nmse"
+    """What `train` returns to Hydra sweeper plugins (Optuna, Nevergrad, Ax): a held-out metric's name, or a list of
+    names for a multi-objective search (`objective=[nmse,l0]`); with several hooks, the mean over them."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._check_objective()
         from saekit.sae.registry import as_variant_config
 
         self.activation = as_variant_config(self.activation)
@@ -419,6 +462,16 @@ class TrainConfig(SiteConfig):
         late = [step for step in resample_steps or [] if step >= self.n_steps]
         require(not late, f"dead.resample_steps={self.dead.resample_steps} has steps at or past the run's end "
                           f"(n_steps={self.n_steps}); use earlier steps")
+
+    def _check_objective(self) -> None:
+        names = [self.objective] if isinstance(self.objective, str) else list(self.objective or [])
+        reported = OBJECTIVE_METRICS + (DOWNSTREAM_METRICS if self.final_eval.downstream else ()) + \
+            (REFINE_METRICS if self.final_eval.refine_tokens else ())
+        require(bool(names), "objective=[] names no metric; use objective=nmse (or a list such as [nmse,l0])")
+        for name in names:
+            require(name in reported, f"objective={name} is not a metric train reports; use one of: {', '.join(reported)}"
+                    f"{'' if self.final_eval.downstream else ' (final_eval.downstream=true adds delta_ce, kl, ...)'}")
+        self.objective = names[0] if isinstance(self.objective, str) else names
 
     def _check_transcoder(self) -> None:
         """Settings a transcoder (hook_out set) does not support yet, refused before anything runs."""

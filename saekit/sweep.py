@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Optional, Sequence
 
 import pandas as pd
 import yaml
@@ -25,6 +25,8 @@ def parse_overrides(task_overrides: list[str]) -> dict[str, Any]:
     parsed = {}
     for item in task_overrides:
         key, _, value = item.lstrip("+~").partition("=")
+        if key == "logger" or key.startswith("logger."):  # where the run was tracked is not a result's setting
+            continue
         try:
             parsed[key] = yaml.safe_load(value)
         except yaml.YAMLError:
@@ -32,6 +34,28 @@ def parse_overrides(task_overrides: list[str]) -> dict[str, Any]:
         if isinstance(parsed[key], (list, dict)):
             parsed[key] = json.dumps(parsed[key])
     return parsed
+
+
+def expand_jobs(arguments: Sequence[str], params: Optional[Mapping[str, Any]] = None,
+                groups: Optional[Sequence[Mapping[str, Any]]] = None, parser: Any = None) -> list[list[str]]:
+    """The jobs of a sweep, each a list of overrides: for every group, the cartesian product of `params`, the
+    group's settings and the command line (later ones win for the same key); the groups' jobs one after the other,
+    each distinct job once. Values use Hydra's sweep grammar (`4,8,16`, `range(4,12,4)`, `choice(a,b)`).
+
+    Raises Hydra's OverrideParseException on a malformed override."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = parser or OverridesParser.create()
+    as_lines = lambda mapping: [f"{key}={value}" for key, value in (mapping or {}).items()]  # noqa: E731
+    jobs, seen = [], set()
+    for group in groups or [{}]:
+        overrides = parser.parse_overrides([*as_lines(params), *as_lines(group), *arguments])
+        for job in BasicSweeper.split_arguments(overrides, None)[0]:
+            if tuple(job) not in seen:
+                seen.add(tuple(job))
+                jobs.append(job)
+    return jobs
 
 
 def job_folders(sweep_dir: Path) -> list[Path]:

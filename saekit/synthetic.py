@@ -19,7 +19,6 @@ from typing import Optional
 
 import pandas as pd
 import torch
-from rich.console import Console
 
 from saekit.config import DataConfig, DeadConfig, InitConfig, ModelConfig, OptimizerConfig, TrainConfig
 from saekit.metrics import ReconstructionStats
@@ -118,7 +117,7 @@ def train_on(planted: PlantedDictionary, cfg: TrainConfig, train_x: torch.Tensor
     """Train through the same `fit` as `saekit train`, on in-memory activations."""
     data = TrainingData.from_tensor(train_x, cfg.batch_size, cfg.seed, key=f"planted-{planted.seed}")
     with tempfile.TemporaryDirectory() as tmp:
-        result = fit(cfg, data, Path(run_dir or tmp), torch.device("cpu"), Console(quiet=True))
+        result = fit(cfg, data, Path(run_dir or tmp), torch.device("cpu"))
     return result.sae
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -27,8 +27,10 @@ from saekit.latents import DENSITY_PLOT, LATENT_TABLE, latent_table, plot_densit
 from saekit.model import LoadedModel, load_model, resolve_device
 from saekit.report import print_summary, tidy_table, write_table
 from saekit.sae import sae_class
+from saekit.tracking import Tracker, make_tracker, tracker_module
 from saekit.train import TrainingData, check_precision, fit
 
+# Progress bars and the summary tables only; messages go through `log`, so they reach the job log file too.
 console = Console()
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ def activation_caches(cfg: SiteConfig, n_tokens: int, models: Optional[ModelPool
                       splits: tuple[str, ...] = SPLITS) -> list[ActivationCache]:
     """One cache per hook of cfg, the missing ones built together from one pass of the model."""
     models = models or ModelPool(resolve_device(cfg.device))
-    return ensure_caches(cfg, n_tokens, lambda: models.get(cfg.model), console.print, _cache_progress, splits)
+    return ensure_caches(cfg, n_tokens, lambda: models.get(cfg.model), log.info, _cache_progress, splits)
 
 
 def run_facts(cfg: TrainConfig, hook: str, tokens: int) -> dict:
@@ -99,6 +101,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device)
+    if cfg.logger.name != "none":  # a missing tracker package fails now, not after the cache is built
+        tracker_module(cfg.logger.name)
     models = ModelPool(device)
     streamed = cfg.cache.mode == "stream"
     if streamed:
@@ -123,7 +127,7 @@ def _train_and_tabulate(cfg: TrainConfig, run_dir: Path, jobs: list["_Job"], mod
         metrics = _train_jobs(jobs, models, device, streamed)
         write_table(pd.concat([pd.read_csv(job.run_dir / "results.csv") for job in jobs], ignore_index=True), run_dir)
     write_status(run_dir, "done", hooks=cfg.hook_names)
-    console.print(f"results over {len(jobs)} hooks: {run_dir / 'results.csv'}", highlight=False)
+    log.info("results over %d hooks: %s", len(jobs), run_dir / "results.csv")
     return {job.cfg.hook_name: values for job, values in zip(jobs, metrics)}
 
 
@@ -164,8 +168,8 @@ def _streamed_jobs(cfg: TrainConfig, run_dir: Path, models: ModelPool) -> tuple[
     buffer_tokens = stream_buffer_tokens(cfg.loader.buffer_tokens, model.d_model, cfg.batch_size, len(hooks))
     stream = ActivationStream(model, windows.train, hooks, excludes_bos(cfg.data), buffer_tokens, cfg.batch_size,
                               cfg.seed, cfg.cache.batch_windows, n_steps=cfg.n_steps)
-    console.print(f"streaming activations of {len(hooks)} hook(s) from {windows.train.shape[0]:,} windows, "
-                  f"shuffled in a buffer of {buffer_tokens:,} tokens; nothing cached but the held-out split")
+    log.info("streaming activations of %d hook(s) from %s windows, shuffled in a buffer of %s tokens; nothing "
+             "cached but the held-out split", len(hooks), f"{windows.train.shape[0]:,}", f"{buffer_tokens:,}")
     jobs = []
     for hook_cfg, cache, (folder, run_id) in zip(cfg.per_hook(), eval_caches, _job_folders(cfg, run_dir)):
         data = stream_training_data(stream, hook_cfg.hook_name, keys[hook_cfg.hook_name])
@@ -181,18 +185,32 @@ def _train_jobs(jobs: list[_Job], models: ModelPool, device, lockstep: bool) -> 
 
         for job in jobs:
             _start_job(job)
-        with _failed_status_on_error(jobs):  # evaluation and the table too: an error there must not leave "running"
+        # evaluation and the table too: an error there must not leave "running"
+        with _failed_status_on_error(jobs), ExitStack() as stack:
+            trackers = [stack.enter_context(_tracker(job)) for job in jobs]
             results = fit_lockstep([(job.cfg, job.data, job.run_dir) for job in jobs], device, console,
-                                   evaluators=[_training_evaluator(job.cfg, job.eval_cache, models) for job in jobs])
-            return [_finish_job(job, result, models) for job, result in zip(jobs, results)]
+                                   evaluators=[_training_evaluator(job.cfg, job.eval_cache, models) for job in jobs],
+                                   trackers=trackers)
+            return [_finish_job(job, result, models, tracker) for job, result, tracker in zip(jobs, results, trackers)]
     metrics = []
     for job in jobs:
         _start_job(job)
-        with _failed_status_on_error([job]):  # evaluation and the table too: an error there must not leave "running"
+        # evaluation and the table too: an error there must not leave "running"
+        with _failed_status_on_error([job]), _tracker(job) as tracker:
             result = fit(job.cfg, job.data, job.run_dir, device, console,
-                         evaluator=_training_evaluator(job.cfg, job.eval_cache, models))
-            metrics.append(_finish_job(job, result, models))
+                         evaluator=_training_evaluator(job.cfg, job.eval_cache, models), tracker=tracker)
+            metrics.append(_finish_job(job, result, models, tracker))
     return metrics
+
+
+def _tracker(job: _Job) -> Tracker:
+    """The job's experiment tracker (`logger=`), its run named after the run id: the run folder's name, which in a
+    sweep is the job's swept settings (`activation=topk,k=8`); `<run id>/<hook>` per hook of a multi-hook run.
+    Used as a context manager, it is finished (marked failed on an error) however the job ends."""
+    from saekit.train import resume_step
+
+    start = resume_step(job.cfg, job.run_dir, job.data.key)
+    return make_tracker(job.cfg.logger, job.run_id or job.run_dir.name, job.run_dir, dataclasses.asdict(job.cfg), start)
 
 
 def _start_job(job: _Job) -> None:
@@ -220,18 +238,20 @@ def _failed_status_on_error(jobs: list[_Job]) -> Iterator[None]:
         raise
 
 
-def _finish_job(job: _Job, result, models: ModelPool) -> dict[str, float]:
+def _finish_job(job: _Job, result, models: ModelPool, tracker: Tracker) -> dict[str, float]:
     cfg, cache, run_dir = job.cfg, job.eval_cache, job.run_dir
     evaluation = _final_evaluation(cfg, result.sae, cache, models)
     metrics = {**evaluation.metrics, "dead_frac_train": result.dead_frac_train}
     run = {"run_id": job.run_id or run_dir.name, **run_facts(cfg, cache.manifest["hook"], cfg.n_steps * cfg.batch_size)}
-    write_table(result_frames(run, metrics, evaluation.progressive + evaluation.prefixes, cfg.overrides), run_dir)
+    table = result_frames(run, metrics, evaluation.progressive + evaluation.prefixes, cfg.overrides)
+    write_table(table, run_dir)
+    tracker.log_table(table, cfg.n_steps)
     write_status(run_dir, "done", train_tokens_per_s=round(result.tokens_per_s, 1), epochs=round(result.epochs, 3),
                  wall_s=round(time.perf_counter() - job.started, 2))
-    console.print(f"trained {result.steps_run} steps at {result.tokens_per_s:,.0f} tokens/s "
-                  f"({result.epochs:.2f} epochs over {job.data.batches.n_rows:,} training vectors)")
+    log.info("trained %d steps at %s tokens/s (%.2f epochs over %s training vectors)", result.steps_run,
+             f"{result.tokens_per_s:,.0f}", result.epochs, f"{job.data.batches.n_rows:,}")
     print_summary(console, f"held-out metrics ({cache.n_acts('eval'):,} tokens)", run, metrics)
-    console.print(f"results: {run_dir / 'results.csv'}", highlight=False)
+    log.info("results: %s", run_dir / "results.csv")
     return metrics
 
 
@@ -274,7 +294,7 @@ def _training_evaluator(cfg: TrainConfig, cache: ActivationCache, models: ModelP
 def _trained_config(meta: dict, source: str = "ckpt") -> TrainConfig:
     """The TrainConfig saved in a checkpoint's metadata, nested dataclasses rebuilt; DataError (naming `source`) for
     one this version cannot read."""
-    from saekit.config import DeadConfig, FinalEvalConfig, InitConfig, OptimizerConfig
+    from saekit.config import DeadConfig, FinalEvalConfig, InitConfig, LoggerConfig, OptimizerConfig
     from saekit.errors import DataError, SaekitError
     from saekit.sae import variant_config
 
@@ -282,7 +302,7 @@ def _trained_config(meta: dict, source: str = "ckpt") -> TrainConfig:
     if saved is None:
         raise DataError("ckpt: the checkpoint records no training config; evaluate a checkpoint written by saekit train")
     types = {"model": ModelConfig, "data": DataConfig, "cache": CacheConfig, "dead": DeadConfig,
-             "optimizer": OptimizerConfig, "init": InitConfig, "final_eval": FinalEvalConfig}
+             "optimizer": OptimizerConfig, "init": InitConfig, "final_eval": FinalEvalConfig, "logger": LoggerConfig}
     unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(TrainConfig)}) if isinstance(saved, dict) else []
     if not isinstance(saved, dict) or unknown:
         found = ", ".join(unknown) if unknown else "not a mapping"
@@ -320,8 +340,8 @@ def evaluate(cfg: EvalConfig, run_dir: Path) -> pd.DataFrame:
         write_latent_table(table, folder)
         plot_density_histogram(table, stats.n_tokens, folder, f"{ckpt.parent.name}: feature density")
     write_table(results, run_dir)
-    console.print(f"results: {run_dir / 'results.csv'} ({len(checkpoints)} checkpoint(s)); per-latent statistics: "
-                  f"{LATENT_TABLE}, {DENSITY_PLOT}", highlight=False)
+    log.info("results: %s (%d checkpoint(s)); per-latent statistics: %s, %s", run_dir / "results.csv",
+             len(checkpoints), LATENT_TABLE, DENSITY_PLOT)
     return results
 
 
@@ -384,9 +404,8 @@ def cache(cfg: CacheCommandConfig, run_dir: Path) -> None:
         splits = built.manifest["splits"]
         site = built.hook if built.hook_out is None else f"pairs {built.hook} -> {built.hook_out}"
         width = f"d={built.d}" if built.hook_out is None else f"d={built.d_in}+{built.d_out}"
-        console.print(f"cache ready: {built.root} ({site})\n  train {splits['train']['n_acts']:,} "
-                      f"vectors, eval {splits['eval']['n_acts']:,} vectors, {width}, {built.manifest['dtype']}",
-                      highlight=False)
+        log.info("cache ready: %s (%s)\n  train %s vectors, eval %s vectors, %s, %s", built.root, site,
+                 f"{splits['train']['n_acts']:,}", f"{splits['eval']['n_acts']:,}", width, built.manifest["dtype"])
 
 
 def verify_cache(folder: Path) -> None:
@@ -399,12 +418,13 @@ def verify_cache(folder: Path) -> None:
         problem = first_problem(folder, rehash=True, advance=lambda n: bar.advance(task, n))
     if problem:
         raise DataError(f"cache {folder}: {problem}; delete the folder and run `saekit cache` again")
-    console.print(f"cache {folder}: all {len(manifest['files'])} files match the manifest "
-                  f"({cache_bytes(manifest) / 2**30:.2f} GiB re-hashed)", highlight=False, soft_wrap=True)
+    # `saekit cache verify` has no run folder and no job log: its verdict is the command's printed output.
+    print(f"cache {folder}: all {len(manifest['files'])} files match the manifest "
+          f"({cache_bytes(manifest) / 2**30:.2f} GiB re-hashed)")
 
 
 def hooks(cfg: CacheCommandConfig, run_dir: Path) -> None:
-    """Print the model's hook names (what `hook=` accepts)."""
+    """Print the model's hook names (what `hook=` accepts): the command's output, one name a line."""
     model = load_model(cfg.model, resolve_device(cfg.device))
     for name in sorted(model.bridge.hook_dict):
-        console.print(name, highlight=False)
+        print(name)

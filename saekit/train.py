@@ -30,6 +30,7 @@ from saekit.dead import DeadLatents, default_resample_steps, resample_dead_laten
 from saekit.loader import EpochBatches, Prefetcher, TensorBatches, make_batches
 from saekit.stopping import StopFlag, TrainingInterrupted, current_stop_flag
 from saekit.sae import SAESpec, SparseAutoencoder, build_sae
+from saekit.tracking import NoTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ _STANDARD_TERMS = ("loss", "mse", "sparsity", "auxk", "l0", "fired")
 # Evaluation settings (final_eval, eval_tokens) only measure the trained weights, so they may change too.
 _RESUME_IGNORED = ("device", "resume", "log_every_steps", "ckpt_every_steps", "run_id", "overrides", "cache",
                    "eval_every_steps", "eval_delta_ce", "eval_tokens", "final_eval", "fast_path", "compile", "prefetch",
-                   "loader", "lock_wait_s")
+                   "loader", "lock_wait_s", "logger")
 # Names and locations: the activation cache's content key already covers the model's weights and the text, so a
 # moved repository or a renamed run resumes.
 _RESUME_IGNORED_NESTED = {"model": ("name", "display_name"), "data": ("name", "paths", "eval_paths", "hf_data_files")}
@@ -179,14 +180,15 @@ class TrainResult:
 
 
 class _TrainProgress:
-    """A rich progress bar on a terminal; plain log lines (about every 10%) in files, CI and SLURM logs."""
+    """A rich progress bar on a terminal console; otherwise (no console, files, CI and SLURM logs) a log line about
+    every 10% of the run."""
 
-    def __init__(self, console: Console, total: int, start: int):
-        self.console, self.total = console, total
+    def __init__(self, console: Optional[Console], total: int, start: int):
+        self.total = total
         self.every = max(1, total // 10)
         self.last_printed = start
         self.bar = None
-        if console.is_terminal:
+        if console is not None and console.is_terminal:
             self.bar = Progress(TextColumn("[bold]train[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
                                 TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                                 console=console)
@@ -205,7 +207,7 @@ class _TrainProgress:
         if self.bar:
             self.bar.update(self.task, completed=done, **({"stats": stats} if stats else {}))
         elif stats and (done - self.last_printed >= self.every or done == self.total):
-            self.console.print(f"step {done}/{self.total}  {stats}", highlight=False)
+            log.info("step %d/%d  %s", done, self.total, stats)
             self.last_printed = done
 
 
@@ -408,10 +410,11 @@ class Trainer:
     loss is kept on the device and checked there, and steps are timed from one such step to the next.
     """
 
-    def __init__(self, cfg: TrainConfig, data: TrainingData, run_dir: Path, device: torch.device, console: Console,
-                 evaluator: Optional[Evaluator] = None):
-        self.cfg, self.data, self.run_dir, self.device, self.console = cfg, data, run_dir, device, console
+    def __init__(self, cfg: TrainConfig, data: TrainingData, run_dir: Path, device: torch.device,
+                 evaluator: Optional[Evaluator] = None, tracker: Optional[Tracker] = None):
+        self.cfg, self.data, self.run_dir, self.device = cfg, data, run_dir, device
         self.evaluator = evaluator
+        self.tracker = tracker or NoTracker()
         resume = _resume_point(cfg, run_dir, data.key)
         self.resumed_from = int(resume["step"]) if resume is not None else None
         self.start = self.resumed_from or 0
@@ -419,7 +422,7 @@ class Trainer:
         if resume is not None:
             counters, _ = load_train_state(run_dir / STATE_FILE, self.sae, self.optimizer)
             self.dead.tokens_since_fired = counters["tokens_since_fired"].to(device)
-            console.print(f"resuming from step {self.start} of {cfg.n_steps} ({run_dir / STATE_FILE})")
+            log.info("resuming from step %d of %d (%s)", self.start, cfg.n_steps, run_dir / STATE_FILE)
         self.dead.refresh(self._tokens_to_next_log(self.start))
         run_dir.mkdir(parents=True, exist_ok=True)
         self.log = StepLog(run_dir / STEP_LOG, self.resumed_from)
@@ -486,7 +489,7 @@ class Trainer:
         self._stop_clock()
         if done in self.resampling:
             revived = resample(self.sae, self.optimizer, self.dead, cfg, self.data, done, self.device)
-            self.console.print(f"step {done}: resampled {revived} dead latents", highlight=False)
+            log.info("step %d: resampled %d dead latents", done, revived)
         _check_finite(float(self._loss_watch), done, self.last_ckpt, self.run_dir, self.sae,
                       check_weights=checkpoint_due)
         stats = None
@@ -531,6 +534,7 @@ class Trainer:
             self.sae.train()
             row.update(eval_nmse=held_out.get("nmse"), eval_delta_ce=held_out.get("delta_ce"))
         self.log.append(row)
+        self.tracker.log_step(row["step"], row)
         for warning in self.sae.training_warnings():
             log.warning("step %d: %s", step + 1, warning)
         return (f"loss {row['loss']:.4g}  L0 {row['l0']:.1f}  dead {row['dead_frac']:.1%}  "
@@ -551,10 +555,13 @@ class Trainer:
         return ((done // every + 1) * every - done) * self.cfg.batch_size
 
 
-def fit(cfg: TrainConfig, data: TrainingData, run_dir: Path, device: torch.device, console: Console,
-        evaluator: Optional[Evaluator] = None, stop: Optional[StopFlag] = None) -> TrainResult:
+def fit(cfg: TrainConfig, data: TrainingData, run_dir: Path, device: torch.device, console: Optional[Console] = None,
+        evaluator: Optional[Evaluator] = None, stop: Optional[StopFlag] = None,
+        tracker: Optional[Tracker] = None) -> TrainResult:
     """Train one SAE on `data`; resumes from `run_dir`'s checkpoint when it matches.
 
+    `console`: where a terminal progress bar is drawn (None or a non-terminal console: progress log lines).
+    `tracker` (saekit.tracking) receives every step-log row.
     `evaluator(sae) -> {"nmse": …, "delta_ce": …}` runs every `cfg.eval_every_steps` on held-out tokens
     (the offline evaluation's code path) and its numbers go into the step log. When `stop` (default: the running
     command's flag, see saekit.stopping) is set, training checkpoints and raises TrainingInterrupted.
@@ -563,7 +570,7 @@ def fit(cfg: TrainConfig, data: TrainingData, run_dir: Path, device: torch.devic
     start = resume_step(cfg, run_dir, data.key)
     # The prefetcher starts first: its first batches (and the epoch's shuffle) are made while the SAE initializes.
     with (Prefetcher(data.batches, start, cfg.n_steps, cfg.prefetch, device) as batches,
-          Trainer(cfg, data, run_dir, device, console, evaluator) as trainer, matmul_precision(cfg.precision),
+          Trainer(cfg, data, run_dir, device, evaluator, tracker) as trainer, matmul_precision(cfg.precision),
           _TrainProgress(console, cfg.n_steps, start) as progress, stop.watching()):
         for step in range(trainer.start, cfg.n_steps):
             if stop.is_set():
@@ -590,9 +597,9 @@ class _LockstepBatches:
         return self.sources[job].batch(step)
 
 
-def fit_lockstep(jobs: list[tuple[TrainConfig, TrainingData, Path]], device: torch.device, console: Console,
-                 evaluators: Optional[list[Optional[Evaluator]]] = None,
-                 stop: Optional[StopFlag] = None) -> list[TrainResult]:
+def fit_lockstep(jobs: list[tuple[TrainConfig, TrainingData, Path]], device: torch.device,
+                 console: Optional[Console] = None, evaluators: Optional[list[Optional[Evaluator]]] = None,
+                 stop: Optional[StopFlag] = None, trackers: Optional[list[Optional[Tracker]]] = None) -> list[TrainResult]:
     """Train several SAEs together, one step of each in turn (step s of the first, step s of the second, …).
 
     Each job is (config, data, run folder) and resumes from its own folder, as `fit` would; a shared data source
@@ -607,6 +614,7 @@ def fit_lockstep(jobs: list[tuple[TrainConfig, TrainingData, Path]], device: tor
         raise ConfigError(f"lockstep training needs one n_steps and one precision for every SAE (got n_steps {steps}, "
                           f"precision {precisions}); give them the same n_tokens, batch_size and precision")
     n_steps, evaluators = steps[0], list(evaluators) if evaluators is not None else [None] * len(jobs)
+    trackers = list(trackers) if trackers is not None else [None] * len(jobs)
     stop = stop or current_stop_flag() or StopFlag()
     starts = [resume_step(cfg, run_dir, data.key) for cfg, data, run_dir in jobs]
     schedule = [(step, job) for step in range(min(starts), n_steps) for job in range(len(jobs)) if step >= starts[job]]
@@ -614,8 +622,8 @@ def fit_lockstep(jobs: list[tuple[TrainConfig, TrainingData, Path]], device: tor
     depth = max(cfg.prefetch for cfg, _, _ in jobs) * len(jobs)
     with ExitStack() as stack:
         batches = stack.enter_context(Prefetcher(source, 0, len(schedule), depth, device))
-        trainers = [stack.enter_context(Trainer(cfg, data, run_dir, device, console, evaluator))
-                    for (cfg, data, run_dir), evaluator in zip(jobs, evaluators)]
+        trainers = [stack.enter_context(Trainer(cfg, data, run_dir, device, evaluator, tracker))
+                    for (cfg, data, run_dir), evaluator, tracker in zip(jobs, evaluators, trackers)]
         stack.enter_context(matmul_precision(precisions[0]))
         stack.enter_context(stop.watching())
         progress = stack.enter_context(_TrainProgress(console, n_steps, min(starts)))

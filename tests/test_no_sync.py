@@ -14,7 +14,6 @@ import traceback
 
 import pytest
 import torch
-from rich.console import Console
 
 from saekit import train as train_mod
 from saekit.synthetic import PlantedDictionary, synthetic_train_config
@@ -74,7 +73,7 @@ def steady_trainer(activation: str, device: torch.device, run_dir):
         fast_path=activation not in ACTIVE_SET_VARIANTS)
     cfg = dataclasses.replace(cfg, init=dataclasses.replace(cfg.init, n_sample_tokens=2048))
     data = TrainingData.from_tensor(x, cfg.batch_size, cfg.seed, key="planted")
-    trainer = Trainer(cfg, data, run_dir, device, Console(quiet=True))
+    trainer = Trainer(cfg, data, run_dir, device)
     batches = [data.batches.batch(step) for step in range(2 * LOG_EVERY)]
     for step in range(LOG_EVERY):  # warm-up, ending on a log step (which refreshes the dead-latent bookkeeping)
         trainer.step(step, batches[step])

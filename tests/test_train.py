@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
+import logging
 import os
 import re
 import signal
@@ -161,7 +161,7 @@ def _same_runs(a, b):
     assert _step_rows(a) == _step_rows(b)
 
 
-def test_lockstep_training_gives_each_sae_its_own_fit_result(tmp_path, monkeypatch):
+def test_lockstep_training_gives_each_sae_its_own_fit_result(tmp_path, monkeypatch, caplog):
     """Two SAEs (different data, variant and seed) trained one step each in turn come out bit for bit as when
     each is fitted alone; killed mid-run (their last checkpoints at different steps) and run again, too."""
     quiet = Console(quiet=True)
@@ -201,10 +201,10 @@ def test_lockstep_training_gives_each_sae_its_own_fit_result(tmp_path, monkeypat
         patch.setattr(train_mod, "train_step", killed_in_step_25)
         train_mod.fit_lockstep(killed, torch.device("cpu"), quiet)
     assert [read_metadata(run_dir / STATE_FILE)["step"] for _, _, run_dir in killed] == [20, 15]
-    console = Console(file=io.StringIO(), width=200)
-    results = train_mod.fit_lockstep(killed, torch.device("cpu"), console)
+    with caplog.at_level(logging.INFO, logger="saekit"):  # messages go through logging (saekit.train's logger)
+        results = train_mod.fit_lockstep(killed, torch.device("cpu"), quiet)
     assert [result.resumed_from for result in results] == [20, 15]
-    printed = console.file.getvalue()
+    printed = caplog.text
     assert "resuming from step 20 of 40" in printed and "resuming from step 15 of 40" in printed
     for (_, _, ran_alone), (_, _, resumed) in zip(alone, killed):
         _same_runs(ran_alone, resumed)

@@ -265,7 +265,7 @@ def test_a_stopped_transcoder_run_resumes_to_the_same_weights(pair_cache, tmp_pa
     data = TrainingData.from_tensor(x, cfg.batch_size, cfg.seed, "mlp-pairs", y=y)
     quiet = Console(quiet=True)
     whole = fit(cfg, data, tmp_path / "whole", torch.device("cpu"), quiet)
-    with Trainer(cfg, data, tmp_path / "stopped", torch.device("cpu"), quiet) as trainer:
+    with Trainer(cfg, data, tmp_path / "stopped", torch.device("cpu")) as trainer:
         for step in range(4):  # stopped after the step-4 checkpoint
             trainer.step(step, data.batches.batch(step))
     resumed = fit(cfg, data, tmp_path / "stopped", torch.device("cpu"), quiet)
