@@ -20,7 +20,7 @@ class SaekitSweeperConf:
     max_batch_size: Optional[int] = None
     params: Optional[Dict[str, str]] = None
     """Settings swept in every job, as in Hydra's basic sweeper (`k: 4,8,16`)."""
-    groups: Optional[List[Dict[str, str]]] = None
+    groups: Optional[List[Dict[str, Any]]] = None
     """Grids whose union is the sweep; each is crossed with `params` and the command line."""
 
 
@@ -29,7 +29,7 @@ ConfigStore.instance().store(group="hydra/sweeper", name="saekit", node=SaekitSw
 
 class SaekitSweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None,
-                 groups: Optional[List[Dict[str, str]]] = None) -> None:
+                 groups: Optional[List[Dict[str, Any]]] = None) -> None:
         super().__init__(max_batch_size, params)
         self.groups = [dict(group) for group in groups or []]
 
