@@ -19,13 +19,11 @@ size); `saekit cache verify <folder>` or `cache.verify=full` re-hashes every fil
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import struct
 import time
@@ -42,7 +40,7 @@ from safetensors.torch import save_file
 from saekit import __version__
 from saekit.config import SiteConfig
 from saekit.data import data_fingerprint, load_windows
-from saekit.fileutil import HashMemo, sha256_file
+from saekit.fileutil import DISK_ERRNOS, FULL_ERRNOS, HashMemo, as_os_error, disk_error, sha256_file
 from saekit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -287,13 +285,11 @@ def _write_tensor_file(path: Path, name: str, tensor: torch.Tensor) -> dict:
     """Write one safetensors file and describe it for the manifest (size and sha256)."""
     try:
         save_file({name: tensor}, str(path))
-    except OSError:
-        raise
     except Exception as exc:  # safetensors reports the file system's refusal as text: "... (os error 28) ..."
-        code = re.search(r"os error (\d+)", str(exc))
-        if code is None:
+        error = as_os_error(exc, path)
+        if error is None or error is exc:
             raise
-        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
+        raise error from exc
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
@@ -500,19 +496,8 @@ def ensure_caches(cfg: SiteConfig, n_tokens: int, load_model_fn: Callable[[], ob
         raise disk_error(exc, "cache.dir", root) from exc
 
 
-# What a full disk, a quota or a read-only / forbidden folder raise; each has a fix the user can apply.
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-_DISK_ERRNOS = _FULL_ERRNOS + (errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-def disk_error(exc: OSError, setting: str, folder: Path) -> DataError:
-    """One line for a write the file system refused: the folder, the reason and the fix."""
-    reason = exc.strerror or type(exc).__name__
-    if exc.errno in _FULL_ERRNOS:
-        fix = f"free space there or point {setting} at a disk with room"
-    else:
-        fix = f"point {setting} at a folder you can write to"
-    return DataError(f"{setting}={folder}: cannot write there ({reason}); {fix}")
+# Kept here for code that imported them from saekit.cache; they live in saekit.fileutil (shared with run folders).
+_FULL_ERRNOS, _DISK_ERRNOS = FULL_ERRNOS, DISK_ERRNOS
 
 
 def _ensure_caches(cfg: SiteConfig, n_tokens: int, load_model_fn: Callable[[], object],

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from saekit.errors import ConfigError
+from saekit.fileutil import disk_error, is_disk_error
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,16 @@ class RunLock:
         self.release()
 
     def acquire(self) -> None:
+        """Take the lock, waiting up to `wait_s` for a busy folder. The lock file is the first thing written into the
+        run folder: a full disk or a read-only folder is a one-line DataError naming hydra.run.dir here."""
+        try:
+            self._acquire()
+        except OSError as exc:
+            if not is_disk_error(exc):
+                raise
+            raise disk_error(exc, "hydra.run.dir", self.path.parent) from exc
+
+    def _acquire(self) -> None:
         deadline = time.monotonic() + self.wait_s
         while not self._try_create():
             holder = self._holder()
@@ -104,10 +115,14 @@ class RunLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(asdict(self.me)))
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(json.dumps(asdict(self.me)))
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:  # a full disk: no empty lock file left to block the folder
+            self.path.unlink(missing_ok=True)
+            raise
         return True
 
     def _holder(self) -> Optional[Holder]:

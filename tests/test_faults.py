@@ -361,3 +361,239 @@ def test_a_stop_flag_checkpoints_at_once_and_the_resumed_run_matches_an_uninterr
     resumed = fit(cfg, data(), tmp_path / "stopped", torch.device("cpu"), quiet).sae
     for name, tensor in straight.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+# ---- issue 13: kill -9 while the activation cache is being built ------------------------------------------
+def _stories(folder: Path, count: int) -> Path:
+    """The first `count` TinyStories train stories as a .txt: 100 make a cache build of a few seconds, long enough
+    to be killed in the middle of."""
+    from conftest import TRAIN_JSON
+
+    stories = json.loads(TRAIN_JSON.read_text())[:count]
+    path = folder / f"stories{count}.txt"
+    path.write_text("\n\n".join(story.strip() for story in stories) + "\n")
+    return path
+
+
+def _leftovers(cache_dir: Path) -> list[str]:
+    """Temporary files or folders of a build (`.<key>.tmp-<pid>`, the hash memo's `.tmp-<pid>`) in a cache root."""
+    return sorted(path.name for path in cache_dir.iterdir() if ".tmp" in path.name)
+
+
+def _wait_for(condition, proc, what: str, timeout: float = 300) -> None:
+    """Poll `condition()` every 5 ms until it holds; fails naming `what` if the process ended or time ran out first."""
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the process ended (rc {proc.returncode}) before {what}: {proc.stderr.read()[-2000:]}")
+        if time.time() > deadline:
+            pytest.fail(f"no {what} within {timeout} s")
+        time.sleep(0.005)
+
+
+def _numbers(run_dir: Path) -> tuple[list, list]:
+    """What a run computed, without its timings and paths: steps.csv's losses and results.csv's metric values."""
+    import pandas as pd
+
+    steps = pd.read_csv(run_dir / "steps.csv")[["step", "loss", "mse", "l0", "dead_frac"]].values.tolist()
+    table = pd.read_csv(run_dir / "results.csv")
+    return steps, sorted(zip(table["metric"], table["value"]))
+
+
+def test_kill_9_during_the_cache_build_then_the_rerun_builds_it_and_trains_the_same(tmp_path):
+    text = _stories(tmp_path, 100)
+
+    def args(cache_dir, run_dir):
+        return ["train", "data=text_files", f"data.paths=[{text}]", "data.ctx_len=32", "data.n_eval_tokens=1024",
+                "n=64", "k=4", "batch_size=512", "n_tokens=20480", "seed=3", "final_eval.downstream=false",
+                f"cache.dir={cache_dir}", f"hydra.run.dir={run_dir}"]
+
+    cache_dir, run_dir = tmp_path / "cache", tmp_path / "run"
+    proc = _start(args(cache_dir, run_dir))
+    try:  # under way: the build's temporary folder holds its first file (the token windows come first)
+        _wait_for(lambda: any(cache_dir.glob(".*.tmp-*/tokens_*.safetensors")), proc, "cache build under way")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    left = [path.name for path in cache_dir.glob(".*.tmp-*")]
+    assert left and all(name.endswith(f".tmp-{proc.pid}") for name in left)  # the killed build's temporary folder
+    assert not [p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]  # no half cache in place
+
+    rerun = run_cli(*args(cache_dir, run_dir))
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert _leftovers(cache_dir) == []  # the dead builder's temporary folder was removed, not left for good
+    [key] = [p for p in cache_dir.iterdir() if p.is_dir()]
+    verified = run_cli("cache", "verify", str(key), timeout=120)
+    assert verified.returncode == 0, verified.stderr[-2000:]
+    assert _status(run_dir)["status"] == "done"
+
+    straight_cache, straight_run = tmp_path / "straight_cache", tmp_path / "straight"
+    straight = run_cli(*args(straight_cache, straight_run))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    files = lambda folder: json.loads((folder / "manifest.json").read_text())["files"]  # noqa: E731
+    assert files(key) == files(straight_cache / key.name)  # same files, same sha256 as a build never killed
+    assert _numbers(run_dir) == _numbers(straight_run)
+
+
+# ---- issue 13: kill -9 in the middle of a sweep ---------------------------------------------------------
+def _sweep_jobs(sweep_dir: Path) -> dict[int, Path]:
+    """{k: job folder} for the jobs that have started (written their config.json)."""
+    jobs = {}
+    for config in sweep_dir.glob("*/config.json"):
+        try:
+            jobs[json.loads(config.read_text())["k"]] = config.parent
+        except ValueError:  # being written
+            continue
+    return jobs
+
+
+def _job_status(folder: Path) -> str:
+    try:
+        return json.loads((folder / "status.json").read_text())["status"]
+    except (OSError, ValueError):
+        return ""
+
+
+def test_kill_9_mid_sweep_then_the_rerun_finishes_without_training_the_finished_job_again(tmp_path, small_text,
+                                                                                          cache_root):
+    import pandas as pd
+
+    sweep_dir = tmp_path / "sweep"
+    args = ["sweep", "k=4,8,16", "data=text_files", f"data.paths=[{small_text}]", "data.ctx_len=32",
+            "data.n_eval_tokens=1024", "n=32", "n_tokens=76800", "batch_size=256", "ckpt_every_steps=20", "seed=3",
+            "final_eval.downstream=false", f"cache.dir={cache_root}", f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "saekit.cli", *args], cwd=REPO, env=cli_env(), text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+    def second_job_training() -> bool:
+        jobs = _sweep_jobs(sweep_dir)
+        return (4 in jobs and _job_status(jobs[4]) == "done" and 8 in jobs and _job_status(jobs[8]) == "running"
+                and (jobs[8] / STATE_FILE).exists())
+
+    try:
+        _wait_for(second_job_training, proc, "a checkpoint of the second job")
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole sweep, as a scheduler's kill would
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    jobs = _sweep_jobs(sweep_dir)
+    killed_at = read_metadata(jobs[8] / STATE_FILE)["step"]
+    assert killed_at < 300 and _job_status(jobs[8]) == "running" and 16 not in jobs
+    first = _folder_hashes(jobs[4])
+
+    rerun = run_cli(*args)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert rerun.stdout.count("trained 0 steps") == 1  # the finished job: nothing trained again
+    assert f"resuming from step {killed_at} of 300" in rerun.stdout  # the killed one: from its checkpoint
+    after = _folder_hashes(jobs[4])
+    for name in ("sae.safetensors", STATE_FILE, "steps.csv", "results.csv", "config.json"):
+        assert after[name] == first[name], name
+    table = pd.read_csv(sweep_dir / "results.csv").drop_duplicates("run_id")
+    assert sorted(table["k"]) == [4, 8, 16] and set(table["status"]) == {"ok"}
+    assert all(_job_status(folder) == "done" for folder in _sweep_jobs(sweep_dir).values())
+    assert not list(sweep_dir.rglob("*.tmp-*")) and not list(sweep_dir.rglob(".saekit.lock"))
+
+
+# ---- issue 13: a full disk or a read-only file system under the run folder ------------------------------
+def _refused_write(code: int):
+    def refuse(path) -> OSError:
+        return OSError(code, os.strerror(code), str(path))
+    return refuse
+
+
+def _lock_refused(code):
+    """The first write into the run folder (its lock file) is refused, as on a read-only mount."""
+    def patch(monkeypatch):
+        from saekit.runlock import RunLock
+
+        def refuse(self):
+            raise _refused_write(code)(self.path)
+        monkeypatch.setattr(RunLock, "_try_create", refuse)
+    return patch
+
+
+def _checkpoint_refused(code):
+    """The disk fills up mid-training: the first checkpoint's file is half written, then safetensors reports the
+    file system's error as text (as it does: '... (os error 28)')."""
+    def patch(monkeypatch):
+        from saekit import checkpoint
+
+        def fills_up(tensors, path, metadata=None):
+            Path(path).write_bytes(b"\0" * 4096)
+            raise Exception(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
+        monkeypatch.setattr(checkpoint, "save_file", fills_up)
+    return patch
+
+
+@pytest.mark.parametrize("inject, reason, fix", [
+    (_lock_refused(30), "Read-only file system", "point hydra.run.dir at a folder you can write to"),
+    (_checkpoint_refused(28), "No space left on device", "free space there or point hydra.run.dir at a disk with room"),
+    (_checkpoint_refused(122), "Disk quota exceeded", "free space there or point hydra.run.dir at a disk with room"),
+], ids=["read-only-lock", "full-disk-checkpoint", "quota-checkpoint"])
+def test_a_refused_write_in_the_run_folder_is_one_line_naming_the_folder(tmp_path, small_text, cache_root, monkeypatch,
+                                                                        capsys, inject, reason, fix):
+    from saekit.cli import main
+
+    run_dir = tmp_path / "run"
+    inject(monkeypatch)
+    with pytest.raises(SystemExit) as stopped:
+        main(_args(small_text, cache_root, run_dir, n_tokens=51200))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert stopped.value.code == 2, err[-3000:]
+    assert "Traceback" not in err and len(lines) == 1, err[-3000:]
+    assert lines[0] == f"saekit: error: hydra.run.dir={run_dir}: cannot write there ({reason}); {fix}"
+    assert not list(run_dir.rglob("*.tmp*"))  # no half-written checkpoint left holding the space
+    assert not (run_dir / ".saekit.lock").exists()
+    if (run_dir / "status.json").exists():
+        assert _status(run_dir)["status"] == "failed" and reason in _status(run_dir)["error"]
+
+
+# ---- issue 13: kill -9 between the two files of the last checkpoint -------------------------------------------
+def test_a_kill_between_the_last_checkpoints_two_files_is_completed_by_the_rerun(tmp_path, small_text, cache_root):
+    """The state file is written first, then sae.safetensors: a kill between them leaves a finished state and no
+    weights file. The rerun trains nothing and writes the weights; a finished run's files are otherwise untouched."""
+    run_dir = tmp_path / "run"
+    args = _args(small_text, cache_root, run_dir, "final_eval.downstream=false", n_tokens=12800)  # 50 steps
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = _folder_hashes(run_dir)
+
+    again = run_cli(*args)  # a finished run, rerun: nothing trained, nothing rewritten
+    assert again.returncode == 0 and "trained 0 steps" in again.stdout, again.stderr[-2000:]
+    after = _folder_hashes(run_dir)
+    for name in ("sae.safetensors", STATE_FILE, "steps.csv", "results.csv"):
+        assert after[name] == before[name], name
+
+    (run_dir / "sae.safetensors").unlink()  # as if killed right after the last state file was renamed into place
+    rerun = run_cli(*args)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming from step 50 of 50" in rerun.stdout and "trained 0 steps" in rerun.stdout
+    after = _folder_hashes(run_dir)
+    for name in ("sae.safetensors", STATE_FILE, "steps.csv", "results.csv"):
+        assert after[name] == before[name], name
+    assert not list(run_dir.rglob("*.tmp*"))
+
+
+def test_ctrl_c_during_the_cache_build_is_one_line_and_removes_the_half_built_cache(tmp_path):
+    cache_dir = tmp_path / "cache"
+    proc = _start(["cache", "data=text_files", f"data.paths=[{_stories(tmp_path, 100)}]", "data.ctx_len=32",
+                   "data.n_eval_tokens=1024", f"cache.dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}"])
+    try:
+        _wait_for(lambda: any(cache_dir.glob(".*.tmp-*/tokens_*.safetensors")), proc, "cache build under way")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-2000:]
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "saekit: interrupted; run the same command to resume"], err[-2000:]
+    assert _leftovers(cache_dir) == []  # nothing half-built left behind, under a temporary name or the final one
+    assert not [path for path in cache_dir.iterdir() if path.is_dir()]
