@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -19,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from saekit.errors import DataError, SaekitError
+from saekit.fileutil import atomic_save_tensors
 from saekit.sae import SAESpec, SparseAutoencoder, build_sae
 
 SAE_FILE = "sae.safetensors"
@@ -27,10 +27,8 @@ STATE_FILE = "checkpoints/state.safetensors"
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write to a temporary file in the same folder, then rename: a kill never leaves a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    atomic_save_tensors({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, path, metadata,
+                        save=save_file)
 
 
 def _metadata(sae: SparseAutoencoder, facts: dict) -> dict[str, str]:

@@ -302,12 +302,19 @@ def _guarded(task: Callable[[Any, Path], Any], cfg) -> Any:
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
+    from saekit.distributed import World
     from saekit.errors import SaekitError
     from saekit.runlock import RunLock
     from saekit.stopping import Interrupted, TrainingInterrupted, stop_on_signals
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    if not World.from_env().is_main:  # a data-parallel rank > 0: rank 0 holds the folder and writes in it
+        with stop_on_signals():
+            try:
+                return task(cfg, run_dir)
+            except SaekitError as exc:
+                _fail(f"rank {World.from_env().rank}: {exc}")
     command = f"saekit {hydra_cfg.job.name} {' '.join(hydra_cfg.overrides.task)}".strip()
     lock = RunLock(run_dir, command, float(OmegaConf.select(cfg, "lock_wait_s", default=0) or 0))
     try:
@@ -553,6 +560,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     overrides = [_experiment_spelling(item) if multirun else item for item in overrides]
     if multirun and command not in ("train", "sweep"):
         _fail(f"-m/--multirun sweeps `saekit train`; use saekit sweep <settings> (not saekit {command} -m)")
+    if multirun and _world_or_fail().enabled:
+        _fail("a sweep cannot run under torchrun; launch each data-parallel job with its own torchrun (or "
+              "hydra/launcher=slurm with tasks_per_node=N)")
     if multirun:
         jobs = preflight_sweep(source, overrides)
         if any(flag in ("--cfg", "-c") for flag in flags):
@@ -565,7 +575,46 @@ def main(argv: Optional[list[str]] = None) -> None:
 
             absolutize_paths(checked)
             return _run_plain(tasks.hooks, checked, Path("."))
+        with _process_group(command, checked):
+            return _launch(command, source, flags, overrides, multirun)
     _launch(command, source, flags, overrides, multirun)
+
+
+@contextmanager
+def _process_group(command: str, checked: Any) -> Iterator[None]:
+    """Under torchrun (WORLD_SIZE > 1), `train` joins the ranks' process group for its length (NCCL on CUDA, gloo
+    on the CPU); other commands are refused there. Outside torchrun, nothing."""
+    from saekit.distributed import start_process_group
+    from saekit.errors import SaekitError
+    from saekit.model import resolve_device
+
+    world = _world_or_fail()
+    if not world.enabled:
+        yield
+        return
+    if command != "train":
+        _fail(f"saekit {command} runs in one process; under torchrun only `train` is data-parallel")
+    try:
+        start_process_group(world, resolve_device(checked.device).type, checked.dist_timeout_s)
+    except SaekitError as exc:
+        _fail(str(exc))
+    try:
+        yield
+    finally:
+        import torch.distributed
+
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _world_or_fail():
+    from saekit.distributed import World
+    from saekit.errors import SaekitError
+
+    try:
+        return World.from_env()
+    except SaekitError as exc:
+        _fail(str(exc))
 
 
 @contextmanager

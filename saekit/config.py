@@ -429,6 +429,9 @@ class TrainConfig(SiteConfig):
     """Batches gathered ahead of the training step in a background thread (pinned memory on CUDA); 0 turns it off."""
     skip: bool = False
     """Transcoders (hook_out set): add a linear skip path, ŷ = W_dec z + b_out + W_skip x (W_skip zero at init)."""
+    dist_timeout_s: float = 300.0
+    """Data-parallel training (torchrun): how long a rank waits for the others in a collective before the job
+    ends with one line (a killed rank must not hang the rest)."""
     objective: Any = "nmse"
     """What `train` returns to Hydra sweeper plugins (Optuna, Nevergrad, Ax): a held-out metric's name, or a list of
     names for a multi-objective search (`objective=[nmse,l0]`); with several hooks, the mean over them."""
@@ -436,6 +439,7 @@ class TrainConfig(SiteConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_objective()
+        require(self.dist_timeout_s > 0, f"dist_timeout_s={self.dist_timeout_s} must be positive (seconds)")
         from saekit.sae.registry import as_variant_config
 
         self.activation = as_variant_config(self.activation)

@@ -47,6 +47,8 @@ class EpochBatches:
 
     order_key: str = "global"
     """Names the order batches come in (folded into the resume fingerprint unless "global")."""
+    part: tuple[int, int] = (0, 1)
+    """(rank, ranks): `batch` returns this rank's equal share of each step's rows (data-parallel training)."""
 
     def __init__(self, n_rows: int, batch_size: int, seed: int):
         self.n_rows = n_rows
@@ -71,9 +73,21 @@ class EpochBatches:
         return self._perm
 
     def batch(self, step: int) -> torch.Tensor:
-        """The float32 batch used at training step `step` (0-based)."""
+        """The float32 batch used at training step `step` (0-based): this rank's share of it."""
         epoch, index = divmod(step, self.batches_per_epoch)
-        return self.rows(np.sort(self._permutation(epoch)[index * self.batch_size:(index + 1) * self.batch_size]))
+        return self.rows(self.my_share(np.sort(self._permutation(epoch)[index * self.batch_size:
+                                                                          (index + 1) * self.batch_size])))
+
+    def for_rank(self, rank: int, ranks: int) -> "EpochBatches":
+        """Serve rank `rank` of `ranks` its share of every step's batch (the global order is unchanged)."""
+        self.part = (rank, ranks)
+        return self
+
+    def my_share(self, rows: np.ndarray) -> np.ndarray:
+        """This rank's slice of one step's sorted rows: only those are read from the cache."""
+        rank, ranks = self.part
+        share = len(rows) // ranks
+        return rows if ranks == 1 else rows[rank * share:(rank + 1) * share]
 
     def sample(self, n_rows: int, seed: int) -> torch.Tensor:
         """A uniform sample of rows (initialization, resampling), independent of the batch order."""
@@ -195,7 +209,7 @@ class BlockShuffledBatches(EpochBatches):
         epoch, fill, index = self.fill_of(step)
         with self._use:
             buffer, order = self._fill(epoch, fill)
-            rows = buffer[np.sort(order[index * self.batch_size:(index + 1) * self.batch_size])]
+            rows = buffer[self.my_share(np.sort(order[index * self.batch_size:(index + 1) * self.batch_size]))]
         return self.cache.to_torch(rows)
 
     def sample(self, n_rows: int, seed: int) -> torch.Tensor:

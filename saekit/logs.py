@@ -8,7 +8,9 @@ folder's job log, where failed sweep jobs keep their tracebacks.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Optional, TextIO
 
 
@@ -35,7 +37,28 @@ def console_handler(stream: Optional[TextIO] = None) -> logging.Handler:
         handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(OneLineFormatter())
     handler.addFilter(_for_console)
+    if _rank() != 0:  # data-parallel ranks > 0 repeat rank 0's progress: their terminal shows warnings and errors
+        handler.addFilter(lambda record: record.levelno >= logging.WARNING)
     return handler
+
+
+def job_log_handler(filename: str) -> logging.Handler:
+    """The run folder's job log (`train.log`); data-parallel rank R > 0 writes `train.rankR.log` beside it, so every
+    rank's errors are kept and none interleaves with rank 0's lines."""
+    rank = _rank()
+    path = Path(filename)
+    if rank:
+        path = path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return logging.FileHandler(path)
+
+
+def _rank() -> int:
+    """torchrun's RANK (0 outside it)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def _for_console(record: logging.LogRecord) -> bool:

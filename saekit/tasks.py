@@ -17,7 +17,8 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 
 from saekit.cache import (SPLITS, ActivationCache, cache_bytes, cache_keys, ensure_caches, excludes_bos, first_problem,
                           read_manifest)
-from saekit.errors import DataError
+from saekit.distributed import SINGLE, World, rank_device
+from saekit.errors import DataError, require
 from saekit.checkpoint import load_sae, resolve_checkpoints
 from saekit.config import CacheCommandConfig, CacheConfig, DataConfig, EvalConfig, ModelConfig, SiteConfig, TrainConfig
 from saekit.evaluate import Evaluation, check_compatible, evaluate_checkpoint
@@ -98,8 +99,10 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     With a list of hooks (`layer=[…]`/`hook=[…]`) one SAE is trained per hook, each in its own run folder
     `<run_dir>/<hook>/`, with one results table over all of them in `run_dir`.
     """
+    world = World.from_env()
+    _check_data_parallel(cfg, world)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    device = rank_device(world, resolve_device(cfg.device))
     check_precision(cfg.precision, device)
     if cfg.logger.name != "none":  # a missing tracker package fails now, not after the cache is built
         tracker_module(cfg.logger.name)
@@ -109,18 +112,38 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
         jobs, stream = _streamed_jobs(cfg, run_dir, models)
         with stream:  # stops the stream's background fill however training ends
             return _train_and_tabulate(cfg, run_dir, jobs, models, device, streamed)
-    caches = activation_caches(cfg, cfg.n_tokens, models)
+    caches = activation_caches(cfg, cfg.n_tokens, models)  # ranks > 0 wait on the cache's lock while rank 0 builds
     jobs = [_Job(hook_cfg, TrainingData.from_cache(cache, hook_cfg), cache, folder, run_id)
             for hook_cfg, cache, (folder, run_id) in zip(cfg.per_hook(), caches, _job_folders(cfg, run_dir))]
-    return _train_and_tabulate(cfg, run_dir, jobs, models, device, streamed)
+    if world.enabled and not world.is_main:
+        return _train_as_worker(jobs[0], device, world)
+    return _train_and_tabulate(cfg, run_dir, jobs, models, device, streamed, world)
+
+
+def _check_data_parallel(cfg: TrainConfig, world: World) -> None:
+    """What data-parallel training (torchrun) supports; anything else is one line before any work."""
+    if not world.enabled:
+        return
+    world.check_batch(cfg.batch_size)
+    require(not cfg.multi_hook, f"data-parallel training takes one hook (got {len(cfg.hook_names)}); run one "
+                                f"torchrun per hook, or train the list of hooks in one process")
+    require(cfg.cache.mode != "stream", "cache.mode=stream is not supported under torchrun; use the disk cache "
+                                        "(cache.mode=disk), which every rank reads its share of")
+
+
+def _train_as_worker(job: "_Job", device, world: World) -> dict:
+    """Ranks > 0 train their share of every batch in step with rank 0, which writes the run folder (checkpoints,
+    step log, status, evaluation, tables); they write nothing."""
+    fit(job.cfg, job.data, job.run_dir, device, None, evaluator=None, world=world)
+    return {}
 
 
 def _train_and_tabulate(cfg: TrainConfig, run_dir: Path, jobs: list["_Job"], models: ModelPool, device,
-                        streamed: bool) -> dict:
+                        streamed: bool, world: World = SINGLE) -> dict:
     """Train the jobs; with several hooks, also the status and one results table over all of them in run_dir."""
     _check_resumable(jobs)
     if not cfg.multi_hook:
-        return _train_jobs(jobs, models, device, streamed)[0]
+        return _train_jobs(jobs, models, device, streamed, world)[0]
     _write_config(cfg, run_dir)
     write_status(run_dir, "running", hooks=cfg.hook_names)
     with _failed_status_on_error([_Job(cfg, None, None, run_dir, None)]):
@@ -177,7 +200,8 @@ def _streamed_jobs(cfg: TrainConfig, run_dir: Path, models: ModelPool) -> tuple[
     return jobs, stream
 
 
-def _train_jobs(jobs: list[_Job], models: ModelPool, device, lockstep: bool) -> list[dict[str, float]]:
+def _train_jobs(jobs: list[_Job], models: ModelPool, device, lockstep: bool,
+                world: World = SINGLE) -> list[dict[str, float]]:
     """Fit every job, then evaluate it and write its run folder. From disk caches the jobs run one after another;
     `lockstep` (a shared stream) runs one step of each in turn, so each chunk of activations is made once."""
     if lockstep and len(jobs) > 1:
@@ -198,7 +222,7 @@ def _train_jobs(jobs: list[_Job], models: ModelPool, device, lockstep: bool) -> 
         # evaluation and the table too: an error there must not leave "running"
         with _failed_status_on_error([job]), _tracker(job) as tracker:
             result = fit(job.cfg, job.data, job.run_dir, device, console,
-                         evaluator=_training_evaluator(job.cfg, job.eval_cache, models), tracker=tracker)
+                         evaluator=_training_evaluator(job.cfg, job.eval_cache, models), tracker=tracker, world=world)
             metrics.append(_finish_job(job, result, models, tracker))
     return metrics
 

@@ -23,10 +23,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from saekit.cache import ActivationCache
-from saekit.checkpoint import STATE_FILE, Checkpoint, load_train_state, read_metadata
+from saekit.checkpoint import SAE_FILE, STATE_FILE, Checkpoint, load_train_state, read_metadata
 from saekit.config import TrainConfig
-from saekit.errors import ConfigError, TrainingDiverged
+from saekit.errors import ConfigError, SaekitError, TrainingDiverged
 from saekit.dead import DeadLatents, default_resample_steps, resample_dead_latents
+from saekit.distributed import SINGLE, World, module_state
 from saekit.loader import EpochBatches, Prefetcher, TensorBatches, make_batches
 from saekit.stopping import StopFlag, TrainingInterrupted, current_stop_flag
 from saekit.sae import SAESpec, SparseAutoencoder, build_sae
@@ -44,7 +45,7 @@ _STANDARD_TERMS = ("loss", "mse", "sparsity", "auxk", "l0", "fired")
 # Evaluation settings (final_eval, eval_tokens) only measure the trained weights, so they may change too.
 _RESUME_IGNORED = ("device", "resume", "log_every_steps", "ckpt_every_steps", "run_id", "overrides", "cache",
                    "eval_every_steps", "eval_delta_ce", "eval_tokens", "final_eval", "fast_path", "compile", "prefetch",
-                   "loader", "lock_wait_s", "logger")
+                   "loader", "lock_wait_s", "logger", "objective", "dist_timeout_s")
 # Names and locations: the activation cache's content key already covers the model's weights and the text, so a
 # moved repository or a renamed run resumes.
 _RESUME_IGNORED_NESTED = {"model": ("name", "display_name"), "data": ("name", "paths", "eval_paths", "hf_data_files")}
@@ -289,18 +290,23 @@ def matmul_precision(precision: str):
 
 def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                dead: DeadLatents, cfg: TrainConfig, lr: float,
-               loss_fn: Optional[LossFunction] = None, y: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+               loss_fn: Optional[LossFunction] = None, y: Optional[torch.Tensor] = None,
+               world: World = SINGLE) -> dict[str, torch.Tensor]:
     """One optimizer step: loss, backward, decoder-gradient projection, clip, step, renormalize.
 
     x: the normalized batch (B, d); y: a transcoder's normalized targets (B, d_out), None for an SAE.
+    Under data parallelism x is this rank's share of the global batch: gradients are averaged over the ranks
+    before anything reads them, and the dead-latent counters see the whole batch, so every rank stays identical.
     Nothing here reads a device value back, so on an accelerator the host queues the next step at once.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    dead_set = dead.dead_set(x.shape[0]) if cfg.dead.method == "auxk" else None
+    global_rows = x.shape[0] * world.size
+    dead_set = dead.dead_set(global_rows) if cfg.dead.method == "auxk" else None
     terms = (loss_fn or sae.loss_terms)(x, dead_set, *(() if y is None else (y,)))
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
+    world.average_gradients_(sae.parameters())
     if cfg.init.grad_projection:
         sae.project_decoder_grad_()
     if cfg.optimizer.grad_clip is not None:
@@ -308,7 +314,7 @@ def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torc
     optimizer.step()
     if cfg.init.decoder_norm:
         sae.normalize_decoder_()
-    dead.update(terms["fired"], x.shape[0])
+    dead.update(world.any_(terms["fired"]), global_rows)
     return terms
 
 
@@ -411,8 +417,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, data: TrainingData, run_dir: Path, device: torch.device,
-                 evaluator: Optional[Evaluator] = None, tracker: Optional[Tracker] = None):
-        self.cfg, self.data, self.run_dir, self.device = cfg, data, run_dir, device
+                 evaluator: Optional[Evaluator] = None, tracker: Optional[Tracker] = None, world: World = SINGLE):
+        self.cfg, self.data, self.run_dir, self.device, self.world = cfg, data, run_dir, device, world
         self.evaluator = evaluator
         self.tracker = tracker or NoTracker()
         resume = _resume_point(cfg, run_dir, data.key)
@@ -421,11 +427,14 @@ class Trainer:
         self._build(initialized=resume is None)
         if resume is not None:
             counters, _ = load_train_state(run_dir / STATE_FILE, self.sae, self.optimizer)
+            for group in self.optimizer.param_groups:  # the last trained step's rate, as a straight run has it
+                group["lr"] = learning_rate(cfg, self.data.d, self.start - 1) * group.get("lr_scale", 1.0)
             self.dead.tokens_since_fired = counters["tokens_since_fired"].to(device)
             log.info("resuming from step %d of %d (%s)", self.start, cfg.n_steps, run_dir / STATE_FILE)
+        self._agree()
         self.dead.refresh(self._tokens_to_next_log(self.start))
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.log = StepLog(run_dir / STEP_LOG, self.resumed_from)
+        self.log = StepLog(run_dir / STEP_LOG, self.resumed_from) if world.is_main else None
         self.facts = {"config_fingerprint": config_fingerprint(cfg, data.key), "train_config": dataclasses.asdict(cfg)}
         self.last_ckpt = self.resumed_from
         self.resampling = resample_steps(cfg)
@@ -449,6 +458,15 @@ class Trainer:
             importing.join()
         self.optimizer = make_optimizer(self.sae, cfg)
         self.dead = DeadLatents(torch.zeros(cfg.n, dtype=torch.long, device=device), dead_window_tokens(cfg))
+
+    def _agree(self) -> None:
+        """Every rank starts from rank 0's SAE, optimizer state and counters (they read the same checkpoint or
+        initialize from the same sample; this makes it so whatever the arithmetic), and batch-wide statistics
+        (AuxK's residual variance, BatchTopK's threshold) are reduced over the ranks."""
+        if not self.world.enabled:
+            return
+        self.sae.reducer = self.world
+        self.world.broadcast_([*module_state(self.sae, self.optimizer), self.dead.tokens_since_fired])
 
     def __enter__(self) -> "Trainer":
         return self
@@ -474,7 +492,7 @@ class Trainer:
         x, _ = self.sae.normalize_input(x_raw)
         y = None if y_raw is None else self.sae.normalize_target(y_raw)
         lr = learning_rate(cfg, self.data.d, step)
-        terms = train_step(self.sae, self.optimizer, x, self.dead, cfg, lr, self.loss_fn, y)
+        terms = train_step(self.sae, self.optimizer, x, self.dead, cfg, lr, self.loss_fn, y, self.world)
         # The first non-finite loss stays (else the latest), for the check on the next log or checkpoint step.
         self._loss_watch = torch.where(torch.isfinite(self._loss_watch), terms["loss"].detach().float(),
                                        self._loss_watch)
@@ -489,8 +507,10 @@ class Trainer:
         self._stop_clock()
         if done in self.resampling:
             revived = resample(self.sae, self.optimizer, self.dead, cfg, self.data, done, self.device)
+            self._agree()
             log.info("step %d: resampled %d dead latents", done, revived)
-        _check_finite(float(self._loss_watch), done, self.last_ckpt, self.run_dir, self.sae,
+        # A loss that is not finite on one rank stops every rank at the same step (the mean carries the NaN).
+        _check_finite(float(self.world.mean_(self._loss_watch)), done, self.last_ckpt, self.run_dir, self.sae,
                       check_weights=checkpoint_due)
         stats = None
         if log_due:
@@ -510,7 +530,7 @@ class Trainer:
     def finish(self) -> TrainResult:
         """The result, once every checkpoint is written (an already finished run rewrites its final one)."""
         cfg = self.cfg
-        if self.start >= cfg.n_steps:
+        if self.start >= cfg.n_steps and self.world.is_main and not _final_sae_written(self.run_dir, cfg.n_steps):
             self._checkpoint(cfg.n_steps)
         self._writer.wait()
         return TrainResult(sae=self.sae, steps_run=cfg.n_steps - self.start, resumed_from=self.resumed_from,
@@ -528,21 +548,35 @@ class Trainer:
         self._began, self._tokens_running = None, 0
 
     def _log(self, terms: dict, step: int, lr: float, eval_due: bool) -> str:
-        row = _log_row(terms, step + 1, self.cfg, self.dead, lr, self.tokens_per_s, self.data.batches.epoch_of(step))
-        if eval_due:
+        terms = self._batch_means(terms)
+        row = _log_row(terms, step + 1, self.cfg, self.dead, lr, self.tokens_per_s * self.world.size,
+                       self.data.batches.epoch_of(step))
+        if eval_due and self.world.is_main:
             held_out = self.evaluator(self.sae)
             self.sae.train()
             row.update(eval_nmse=held_out.get("nmse"), eval_delta_ce=held_out.get("delta_ce"))
-        self.log.append(row)
+        if self.log is not None:
+            self.log.append(row)
         self.tracker.log_step(row["step"], row)
         for warning in self.sae.training_warnings():
             log.warning("step %d: %s", step + 1, warning)
         return (f"loss {row['loss']:.4g}  L0 {row['l0']:.1f}  dead {row['dead_frac']:.1%}  "
                 f"{row['tokens_per_s']:,.0f} tok/s")
 
+    def _batch_means(self, terms: dict) -> dict:
+        """The logged loss terms over the global batch: each rank's share-mean, averaged (equal shares)."""
+        if not self.world.enabled:
+            return terms
+        return {name: self.world.mean_(value) if torch.is_tensor(value) and value.dim() == 0 else value
+                for name, value in terms.items()}
+
     def _checkpoint(self, step: int) -> None:
-        """Snapshot now, write in the background (the next checkpoint, or `finish`, waits for this one)."""
-        facts = {**self.facts, "step": step}
+        """Snapshot now, write in the background (the next checkpoint, or `finish`, waits for this one). Under
+        data parallelism rank 0 writes; the others hold identical state."""
+        if not self.world.is_main:
+            self.last_ckpt = step
+            return
+        facts = {**self.facts, "step": step, "world_size": self.world.size}
         checkpoint = Checkpoint.take(self.run_dir, self.sae, self.optimizer,
                                      {"tokens_since_fired": self.dead.tokens_since_fired}, facts,
                                      {**facts, "finished": step >= self.cfg.n_steps})
@@ -555,9 +589,18 @@ class Trainer:
         return ((done // every + 1) * every - done) * self.cfg.batch_size
 
 
+def _final_sae_written(run_dir: Path, n_steps: int) -> bool:
+    """Whether sae.safetensors holds the final step (a kill between the two files of the last checkpoint leaves an
+    older one, or none): a finished run's files are then left as they are."""
+    try:
+        return int(read_metadata(run_dir / SAE_FILE).get("step", -1)) == n_steps
+    except SaekitError:
+        return False
+
+
 def fit(cfg: TrainConfig, data: TrainingData, run_dir: Path, device: torch.device, console: Optional[Console] = None,
         evaluator: Optional[Evaluator] = None, stop: Optional[StopFlag] = None,
-        tracker: Optional[Tracker] = None) -> TrainResult:
+        tracker: Optional[Tracker] = None, world: World = SINGLE) -> TrainResult:
     """Train one SAE on `data`; resumes from `run_dir`'s checkpoint when it matches.
 
     `console`: where a terminal progress bar is drawn (None or a non-terminal console: progress log lines).
@@ -568,15 +611,29 @@ def fit(cfg: TrainConfig, data: TrainingData, run_dir: Path, device: torch.devic
     """
     stop = stop or current_stop_flag() or StopFlag()
     start = resume_step(cfg, run_dir, data.key)
+    if world.enabled:
+        world.check_batch(cfg.batch_size)
+        data.batches.for_rank(world.rank, world.size)
     # The prefetcher starts first: its first batches (and the epoch's shuffle) are made while the SAE initializes.
     with (Prefetcher(data.batches, start, cfg.n_steps, cfg.prefetch, device) as batches,
-          Trainer(cfg, data, run_dir, device, evaluator, tracker) as trainer, matmul_precision(cfg.precision),
-          _TrainProgress(console, cfg.n_steps, start) as progress, stop.watching()):
+          Trainer(cfg, data, run_dir, device, evaluator, tracker, world) as trainer, matmul_precision(cfg.precision),
+          _TrainProgress(console if world.is_main else None, cfg.n_steps, start) as progress, stop.watching()):
         for step in range(trainer.start, cfg.n_steps):
-            if stop.is_set():
+            if _stop_agreed(stop, step, cfg, world, device):
                 trainer.interrupt(step, stop.reason)
             progress.update(step + 1, trainer.step(step, batches.get(step)))
         return trainer.finish()
+
+
+def _stop_agreed(stop: StopFlag, step: int, cfg: TrainConfig, world: World, device: torch.device) -> bool:
+    """Whether to stop before `step`. Ranks must stop at the same step (a rank alone in a collective waits for
+    the others until the timeout), so under data parallelism the ranks agree at log-step boundaries: a signal
+    stops training within `log_every_steps` steps."""
+    if not world.enabled:
+        return stop.is_set()
+    if step % cfg.log_every_steps:
+        return False
+    return bool(world.any_(torch.tensor(stop.is_set(), device=device)))
 
 
 def resume_step(cfg: TrainConfig, run_dir: Path, data_key: str) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -169,6 +169,14 @@ class Encoding:
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+class BatchReducer(Protocol):
+    """Batch-wide statistics over data-parallel ranks (saekit.distributed.World implements it)."""
+
+    def residual_variance(self, error: torch.Tensor) -> torch.Tensor: ...
+
+    def min_(self, value: torch.Tensor) -> torch.Tensor: ...
+
+
 class SparseAutoencoder(nn.Module):
     """x̂ = W_dec^T σ(W_enc (x − b_pre) + b_enc) + b_pre; variants define σ and their sparsity loss.
 
@@ -189,6 +197,9 @@ class SparseAutoencoder(nn.Module):
         super().__init__()
         self.spec = spec
         d, n = spec.d, spec.n
+        self.reducer: Optional["BatchReducer"] = None
+        """Data-parallel training's ranks (saekit.distributed.World): batch-wide statistics are reduced over them;
+        None: this process's batch is the whole batch."""
         self.W_enc = nn.Parameter(torch.zeros(n, d))
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.W_dec = nn.Parameter(torch.zeros(n, spec.d_output))
@@ -400,7 +411,10 @@ class SparseAutoencoder(nn.Module):
         return dead.gate(self._auxk_from((x - x_hat).detach(), error_hat))
 
     def _auxk_from(self, error: torch.Tensor, error_hat: torch.Tensor) -> torch.Tensor:
-        residual_var = (error - error.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
+        if self.reducer is not None:  # the global batch's variance, not this rank's share's
+            residual_var = self.reducer.residual_variance(error).clamp_min(1e-12)
+        else:
+            residual_var = (error - error.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
         return self.spec.aux_alpha * (error - error_hat).pow(2).sum(dim=-1).mean() / residual_var
 
     # ---- input normalization, applied around the SAE for raw activations -------------------------

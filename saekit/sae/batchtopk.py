@@ -117,6 +117,8 @@ class BatchTopKSAE(SparseAutoencoder):
     def _record_smallest_kept(self, smallest: torch.Tensor) -> None:
         """θ ← decay·θ + (1 − decay)·(smallest kept value); the first batch sets θ directly; a batch that kept
         nothing (smallest = inf) leaves θ alone. Decided on the device: nothing is read back."""
+        if self.reducer is not None:  # data parallel: every rank keeps the same θ (the smallest kept anywhere)
+            smallest = self.reducer.min_(smallest)
         decay = self.cfg.threshold_decay
         kept = torch.isfinite(smallest)
         updated = torch.where(self.threshold_updates == 0, smallest, self.threshold * decay + (1 - decay) * smallest)
