@@ -19,7 +19,6 @@ size); `saekit cache verify <folder>` or `cache.verify=full` re-hashes every fil
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -205,16 +204,22 @@ def open_cache(root: Path, verify="size", advance: Optional[Callable[[int], None
     return ActivationCache(root=root, manifest=read_manifest(root))
 
 
+CACHE_LOCK_HEARTBEAT_S = 30.0
+CACHE_LOCK_STALE_S = 600.0
+"""A build lock of another host whose heartbeat has been silent this long is taken over (its node died)."""
+
+
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock file, so parallel jobs wait for one builder instead of racing."""
+    """An exclusive build lock, so parallel jobs (on any node of a shared file system) wait for one builder instead
+    of racing. A lock file created with O_EXCL (NFS-safe, unlike flock) with a heartbeat: see saekit.runlock."""
+    from saekit.runlock import FileLock
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    command = "build the activation cache " + path.name.strip(".").removesuffix(".lock")
+    with FileLock(path, command, wait_s=float("inf"), heartbeat_s=CACHE_LOCK_HEARTBEAT_S,
+                  stale_after_s=CACHE_LOCK_STALE_S, setting="cache.dir"):
+        yield
 
 
 class _ShardWriter:

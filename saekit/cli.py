@@ -565,8 +565,9 @@ def main(argv: Optional[list[str]] = None) -> None:
               "hydra/launcher=slurm with tasks_per_node=N)")
     if multirun:
         jobs = preflight_sweep(source, overrides)
-        if any(flag in ("--cfg", "-c") for flag in flags):
-            return _print_sweep_jobs(source, jobs)
+        if any(flag.split("=")[0] in ("--cfg", "-c") for flag in flags):
+            hydra_overrides = [item for item in overrides if item not in _task_overrides(overrides)]
+            return _print_sweep_jobs(source, jobs, _cfg_part(flags), hydra_overrides)
     elif not _is_info_request(flags):
         checked = preflight(source.name, overrides, source)
         _refuse_or_fail(checked, overrides)
@@ -642,12 +643,45 @@ def _launch(command: str, source: ConfigSource, flags: list[str], overrides: lis
     with _hydra_argv(hydra_argv), warnings.catch_warnings():
         # Libraries' UserWarnings (transformer-lens, torch) drown the one-line output; only for this command's run.
         warnings.simplefilter("ignore", UserWarning)
-        _hydra_run(source, lambda cfg, run_dir: _run_and_score(task, cfg, run_dir))
+        try:
+            with _hydra_errors_raised():
+                _hydra_run(source, lambda cfg, run_dir: _run_and_score(task, cfg, run_dir))
+        except Exception as exc:
+            _fail(_launch_error(exc))
     if multirun and last_sweep["failed_jobs"] < 0:
         sys.exit(1)
     if multirun and last_sweep["failed_jobs"]:
         _fail(f"{last_sweep['failed_jobs']} sweep job(s) failed (status and error in the sweep's results.csv); "
               f"fix them and run the same command again: finished jobs are not retrained")
+
+
+@contextmanager
+def _hydra_errors_raised() -> Iterator[None]:
+    """Hydra prints an error that escapes the app (a launcher's, such as sbatch refusing a job) as a traceback and
+    exits 1; with HYDRA_FULL_ERROR it raises it instead, so saekit can say it in one line. Set for the command's
+    run only, then put back."""
+    saved = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved
+
+
+def _launch_error(exc: Exception) -> str:
+    """One line for an error Hydra's run raised outside any job; a bug is raised again, traceback and all."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if type(exc).__name__ == "FailedJobError":  # submitit's: the scheduler refused the submission
+        return (f"the scheduler refused the sweep: {_first_line(exc)} (a cluster without GPUs needs "
+                f"hydra.launcher.gpus_per_node=0; check hydra.launcher.partition, cpus_per_task and mem_gb)")
+    if isinstance(exc, (HydraException, OmegaConfBaseException)):
+        return describe_config_error(exc)
+    raise exc
 
 
 def _run_and_score(task: Callable[[Any, Path], Any], cfg, run_dir: Path) -> Union[None, float, list[float]]:
@@ -701,14 +735,33 @@ def _experiment_spelling(override: str) -> str:
     return f"+experiment={name}"
 
 
-def _print_sweep_jobs(source: ConfigSource, jobs: list[list[str]]) -> None:
-    """`--cfg job` for a sweep: every job's composed config (Hydra refuses --cfg with --multirun)."""
+def _cfg_part(flags: list[str]) -> str:
+    """The value of --cfg/-c: job, hydra or all (Hydra's choices)."""
+    for index, flag in enumerate(flags):
+        name, sep, value = flag.partition("=")
+        if name in ("--cfg", "-c"):
+            value = value if sep else (flags[index + 1] if index + 1 < len(flags) else "")
+            if value not in ("job", "hydra", "all"):
+                _fail(f"--cfg {value or '(nothing)'}: use --cfg job, --cfg hydra or --cfg all")
+            return value
+    return "job"
+
+
+def _print_sweep_jobs(source: ConfigSource, jobs: list[list[str]], part: str = "job",
+                      hydra_overrides: Optional[list[str]] = None) -> None:
+    """`--cfg` for a sweep (Hydra refuses --cfg with --multirun): every job's composed config (`job`), the Hydra
+    config the sweep runs under, launcher and sweeper included (`hydra`, once), or both per job (`all`)."""
     from omegaconf import OmegaConf
 
+    hydra_overrides = hydra_overrides or []
     with _composing(source) as compose:
+        if part == "hydra":
+            print(OmegaConf.to_yaml(compose([*hydra_overrides, *jobs[0]], return_hydra_config=True).hydra))
+            return
         for index, job in enumerate(jobs):
             print(f"# job {index}: {' '.join(job)}")
-            print(OmegaConf.to_yaml(compose(job)))
+            composed = compose([*hydra_overrides, *job], return_hydra_config=part == "all")
+            print(OmegaConf.to_yaml(composed))
 
 
 def _report(args: list[str]) -> None:

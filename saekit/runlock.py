@@ -1,9 +1,11 @@
-"""One process at a time in a run folder: a lock file holding who has it.
+"""One process at a time: lock files holding who has them (run folders, activation-cache builds).
 
-The lock is a file created with O_CREAT | O_EXCL, which is atomic on local file systems and on NFS (v3 and
+A lock is a file created with O_CREAT | O_EXCL, which is atomic on local file systems and on NFS (v3 and
 later), unlike fcntl/flock locks, which NFS clients may not honour. It holds JSON naming its holder (pid, host,
-start time, command), so a refusal can say who is busy in the folder, and a lock left by a process that died
-on this host (kill -9, a crash) is taken over instead of blocking the folder for good.
+start time, command), so a refusal can say who is busy, and a lock left by a process that died on this host
+(kill -9, a crash) is taken over instead of blocking for good. A holder on another host cannot be asked whether
+it lives; with a heartbeat (`heartbeat_s`) it touches the file while it works, and a lock whose heartbeat has
+been silent for `stale_after_s` is taken over (a node that died mid-build on a shared file system).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -55,21 +58,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class RunLock:
-    """`with RunLock(folder, command, wait_s):` holds the folder's lock for the block.
+class FileLock:
+    """`with FileLock(path, command, wait_s):` holds the lock file `path` for the block.
 
-    A busy folder raises RunFolderBusy (naming the holder) at once, or after waiting up to `wait_s` seconds for
-    the holder to finish.
+    Busy: raises RunFolderBusy (naming the holder) at once, or after waiting up to `wait_s` seconds (may be
+    infinite) for the holder to finish. `heartbeat_s`: while held, the file's mtime is refreshed this often, and a
+    lock of another host whose mtime is older than `stale_after_s` is taken over.
     """
 
-    def __init__(self, folder: Path, command: str, wait_s: float = 0.0):
-        self.path = Path(folder) / LOCK_FILE
+    def __init__(self, path: Path, command: str, wait_s: float = 0.0, heartbeat_s: Optional[float] = None,
+                 stale_after_s: Optional[float] = None, setting: str = "hydra.run.dir"):
+        self.path = Path(path)
+        self.setting = setting
+        """The setting that names the lock's folder (a full or read-only disk is one line naming it)."""
         self.me = Holder(os.getpid(), socket.gethostname(),
                          datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), command)
         self.wait_s = wait_s
+        self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
         self.held = False
+        self._beating: Optional[threading.Event] = None
+        self._waiting_said = False
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> "FileLock":
         self.acquire()
         return self
 
@@ -78,13 +88,13 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock, waiting up to `wait_s` for a busy folder. The lock file is the first thing written into the
-        run folder: a full disk or a read-only folder is a one-line DataError naming hydra.run.dir here."""
+        folder: a full disk or a read-only folder is a one-line DataError naming the setting (hydra.run.dir)."""
         try:
             self._acquire()
         except OSError as exc:
             if not is_disk_error(exc):
                 raise
-            raise disk_error(exc, "hydra.run.dir", self.path.parent) from exc
+            raise disk_error(exc, self.setting, self.path.parent) from exc
 
     def _acquire(self) -> None:
         deadline = time.monotonic() + self.wait_s
@@ -101,14 +111,38 @@ class RunLock:
                 continue
             if time.monotonic() >= deadline:
                 raise RunFolderBusy(self._busy_message(holder))
+            self._say_waiting(holder)
             time.sleep(_POLL_S)
         self.held = True
+        self._start_heartbeat()
 
     def release(self) -> None:
         """Remove the lock file, only if it is still this process's (a takeover may have replaced it)."""
+        if self._beating is not None:
+            self._beating.set()
+            self._beating = None
         if self.held and self._holder() == self.me:
             self.path.unlink(missing_ok=True)
         self.held = False
+
+    def _say_waiting(self, holder: Optional[Holder]) -> None:
+        if not self._waiting_said and holder is not None and self.wait_s > 0:
+            log.info("waiting for %s (%s)", holder.describe(), self.path)
+            self._waiting_said = True
+
+    def _start_heartbeat(self) -> None:
+        if not self.heartbeat_s:
+            return
+        stop = self._beating = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.heartbeat_s):
+                try:
+                    os.utime(self.path)
+                except OSError:  # gone (taken over) or unreachable for a moment: the next beat tries again
+                    pass
+
+        threading.Thread(target=beat, name=f"saekit-lock-heartbeat:{self.path.name}", daemon=True).start()
 
     def _try_create(self) -> bool:
         try:
@@ -133,8 +167,16 @@ class RunLock:
             return None
 
     def _is_stale(self, holder: Holder) -> bool:
-        # Another host's pid cannot be checked from here: its lock is respected until someone deletes it.
-        return holder.host == self.me.host and holder.pid != self.me.pid and not _alive(holder.pid)
+        if holder.host == self.me.host:
+            return holder.pid != self.me.pid and not _alive(holder.pid)
+        # Another host's pid cannot be checked from here: with a heartbeat, its silence says it is gone;
+        # without one, its lock is respected until someone deletes it.
+        if self.stale_after_s is None:
+            return False
+        try:
+            return time.time() - self.path.stat().st_mtime > self.stale_after_s
+        except FileNotFoundError:
+            return False
 
     def _damaged(self) -> bool:
         """An unreadable lock file old enough not to be one still being written (a crash between create and write)."""
@@ -145,7 +187,7 @@ class RunLock:
 
     def _break(self, stale: Optional[Holder]) -> None:
         """Move the stale lock aside atomically, so two processes taking it over cannot delete each other's new lock."""
-        aside = self.path.with_name(f"{LOCK_FILE}.stale-{self.me.pid}")
+        aside = self.path.with_name(f"{self.path.name}.stale-{self.me.pid}")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:  # another process moved it first
@@ -160,6 +202,18 @@ class RunLock:
             except FileExistsError:
                 pass
         aside.unlink(missing_ok=True)
+
+    def _busy_message(self, holder: Optional[Holder]) -> str:
+        waited = f" after waiting {self.wait_s:g} s" if self.wait_s > 0 else ""
+        who = holder.describe() if holder is not None else f"another process ({self.path} cannot be read)"
+        return f"{self.path} is held by {who}{waited}; delete it if no process uses it"
+
+
+class RunLock(FileLock):
+    """`with RunLock(folder, command, wait_s):` holds a run folder's lock (`.saekit.lock`) for the block."""
+
+    def __init__(self, folder: Path, command: str, wait_s: float = 0.0):
+        super().__init__(Path(folder) / LOCK_FILE, command, wait_s)
 
     def _busy_message(self, holder: Optional[Holder]) -> str:
         folder = self.path.parent
