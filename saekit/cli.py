@@ -561,8 +561,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     if multirun and command not in ("train", "sweep"):
         _fail(f"-m/--multirun sweeps `saekit train`; use saekit sweep <settings> (not saekit {command} -m)")
     if multirun and _world_or_fail().enabled:
-        _fail("a sweep cannot run under torchrun; launch each data-parallel job with its own torchrun (or "
-              "hydra/launcher=slurm with tasks_per_node=N)")
+        _fail("a sweep cannot run under torchrun or srun; launch each data-parallel training with its own torchrun "
+              "(or sbatch scripts/slurm/train_ddp.sbatch)")
     if multirun:
         jobs = preflight_sweep(source, overrides)
         if any(flag.split("=")[0] in ("--cfg", "-c") for flag in flags):

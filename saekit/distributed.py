@@ -12,7 +12,6 @@ the process group is started once by the command line (`start_process_group`).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import os
 from dataclasses import dataclass
@@ -46,14 +45,17 @@ class World:
 
     @classmethod
     def from_env(cls, environ: Optional[dict] = None) -> "World":
-        """The world torchrun (or srun with these variables) describes; one process when they are absent."""
+        """The world torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), or srun's tasks of one SLURM job step
+        (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) when torchrun's variables are absent; one process otherwise."""
         env = os.environ if environ is None else environ
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+        if "WORLD_SIZE" not in env and int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in env:
+            names = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
         try:
-            size = int(env.get("WORLD_SIZE", "1"))
-            return cls(rank=int(env.get("RANK", "0")), size=size, local_rank=int(env.get("LOCAL_RANK", "0")))
+            return cls(rank=int(env.get(names[0], "0")), size=int(env.get(names[1], "1")),
+                       local_rank=int(env.get(names[2], "0")))
         except ValueError as exc:
-            raise ConfigError(f"torchrun's RANK/WORLD_SIZE/LOCAL_RANK are not integers ({exc}); start with torchrun") \
-                from exc
+            raise ConfigError(f"{'/'.join(names)} are not integers ({exc}); start with torchrun or srun") from exc
 
     def slice_of(self, n_rows: int) -> slice:
         """This rank's rows of a batch of `n_rows` (an equal share; checked by `check_batch`)."""
@@ -153,13 +155,15 @@ def start_process_group(world: World, device_type: str, timeout_s: float = DEFAU
     if not world.enabled or torch.distributed.is_initialized():
         return
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        raise ConfigError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set; start with torchrun "
-                          "(torchrun --nproc_per_node=N -m saekit train ...)")
+        raise ConfigError(f"{world.size} ranks but MASTER_ADDR/MASTER_PORT are not set; start with torchrun "
+                          f"(torchrun --nproc_per_node=N -m saekit train ...), or export them before srun "
+                          f"(scripts/slurm/train_ddp.sbatch shows how)")
     backend = "nccl" if device_type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(world.local_rank)
+    address = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     try:
-        torch.distributed.init_process_group(backend, rank=world.rank, world_size=world.size,
+        torch.distributed.init_process_group(backend, init_method=address, rank=world.rank, world_size=world.size,
                                              timeout=datetime.timedelta(seconds=timeout_s))
     except Exception as exc:  # rendezvous failures come as several types
         raise RankLost(f"could not join the other {world.size - 1} rank(s) ({str(exc).splitlines()[0][:200]})") \
@@ -173,5 +177,3 @@ def rank_device(world: World, device: torch.device) -> torch.device:
     return device
 
 
-def replace_world(obj, world: World):
-    return dataclasses.replace(obj, world=world)

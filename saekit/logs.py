@@ -8,7 +8,6 @@ folder's job log, where failed sweep jobs keep their tracebacks.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Optional, TextIO
@@ -54,10 +53,13 @@ def job_log_handler(filename: str) -> logging.Handler:
 
 
 def _rank() -> int:
-    """torchrun's RANK (0 outside it)."""
+    """This process's data-parallel rank (torchrun's RANK, or srun's SLURM_PROCID); 0 outside them."""
+    from saekit.distributed import World
+    from saekit.errors import SaekitError
+
     try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
+        return World.from_env().rank
+    except SaekitError:
         return 0
 
 

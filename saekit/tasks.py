@@ -124,6 +124,11 @@ def _check_data_parallel(cfg: TrainConfig, world: World) -> None:
     """What data-parallel training (torchrun) supports; anything else is one line before any work."""
     if not world.enabled:
         return
+    import torch.distributed
+
+    require(torch.distributed.is_initialized(),
+            f"{world.size} ranks but no process group: data-parallel training starts from the command line, under "
+            f"torchrun or srun (scripts/slurm/train_ddp.sbatch); a sweep's SLURM jobs take hydra.launcher.tasks_per_node=1")
     world.check_batch(cfg.batch_size)
     require(not cfg.multi_hook, f"data-parallel training takes one hook (got {len(cfg.hook_names)}); run one "
                                 f"torchrun per hook, or train the list of hooks in one process")

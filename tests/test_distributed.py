@@ -78,7 +78,7 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_one_line(tmp_path, small_
 
 def test_sweeps_and_other_commands_refuse_to_run_under_torchrun(tmp_path):
     env = {**cli_env(), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
-    for args, words in ((["sweep", "k=4,8"], "a sweep cannot run under torchrun"),
+    for args, words in ((["sweep", "k=4,8"], "a sweep cannot run under torchrun or srun"),
                         (["eval", f"ckpt={tmp_path}"], "under torchrun only `train` is data-parallel")):
         result = subprocess.run([sys.executable, "-m", "saekit", *args], cwd=REPO, env=env, capture_output=True,
                                 text=True, timeout=120)

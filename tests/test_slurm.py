@@ -10,7 +10,6 @@ import socket
 import subprocess
 import time
 from datetime import datetime
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -102,3 +101,30 @@ def test_the_slurm_preset_is_submitits_slurm_launcher():
     assert launcher["submitit_folder"] == "${hydra.sweep.dir}/.submitit/%j"
     assert launcher["partition"] == "debug"
     assert (launcher["gpus_per_node"], launcher["cpus_per_task"], launcher["mem_gb"]) == (1, 8, 64)
+
+
+@pytest.mark.slurm
+@pytest.mark.distributed
+def test_data_parallel_training_runs_as_one_slurm_job_of_two_tasks(slurm_cluster, small_text, tmp_path):
+    """scripts/slurm/train_ddp.sbatch: srun starts two tasks, which find their ranks in SLURM's variables and train
+    one SAE together over gloo (the node has no GPU)."""
+    import sys
+
+    from conftest import cli_env
+
+    run_dir = tmp_path / "dp"
+    script = REPO / "scripts" / "slurm" / "train_ddp.sbatch"
+    submitted = subprocess.run(
+        ["sbatch", "--wait", "--partition=debug", f"--output={tmp_path}/slurm-%j.out", f"--chdir={REPO}", str(script),
+         *TINY, "batch_size=512", f"data.paths=[{small_text}]", f"cache.dir={tmp_path / 'cache'}",
+         f"hydra.run.dir={run_dir}"],
+        env={**cli_env(), "SAEKIT_PYTHON": sys.executable}, capture_output=True, text=True, timeout=600)
+    output = "\n".join(path.read_text() for path in tmp_path.glob("slurm-*.out"))
+    assert submitted.returncode == 0, submitted.stderr[-2000:] + output[-3000:]
+    job_id = re.search(r"Submitted batch job (\d+)", submitted.stdout).group(1)
+    assert (run_dir / "results.csv").is_file() and (run_dir / "train.rank1.log").is_file(), output[-3000:]
+    assert "step 16/16" in (run_dir / "train.rank1.log").read_text()  # rank 1 trained every step with rank 0
+    assert not (run_dir / "train.rank2.log").exists()
+    steps = subprocess.run(["sacct", "-j", job_id, "-n", "-P", "-o", "JobID,NTasks,State"], capture_output=True,
+                           text=True, check=True).stdout
+    assert re.search(rf"^{job_id}\.0\|2\|COMPLETED$", steps, flags=re.M), steps  # one srun step of two tasks
