@@ -313,6 +313,8 @@ def _guarded(task: Callable[[Any, Path], Any], cfg) -> Any:
         with stop_on_signals():
             try:
                 return task(cfg, run_dir)
+            except (TrainingInterrupted, Interrupted) as exc:  # rank 0 says it, and where to resume from
+                sys.exit(exc.exit_code)
             except SaekitError as exc:
                 _fail(f"rank {World.from_env().rank}: {exc}")
     command = f"saekit {hydra_cfg.job.name} {' '.join(hydra_cfg.overrides.task)}".strip()

@@ -429,6 +429,9 @@ class TrainConfig(SiteConfig):
     """Batches gathered ahead of the training step in a background thread (pinned memory on CUDA); 0 turns it off."""
     skip: bool = False
     """Transcoders (hook_out set): add a linear skip path, ŷ = W_dec z + b_out + W_skip x (W_skip zero at init)."""
+    shard_latents: int = 1
+    """Latent sharding (torchrun): split the SAE's latents over this many ranks (1 = none); the world size must be
+    a multiple of it, the rest of the ranks forming data-parallel groups. TopK only."""
     dist_timeout_s: float = 300.0
     """Data-parallel training (torchrun): how long a rank waits for the others in a collective before the job
     ends with one line (a killed rank must not hang the rest)."""
@@ -440,6 +443,7 @@ class TrainConfig(SiteConfig):
         super().__post_init__()
         self._check_objective()
         require(self.dist_timeout_s > 0, f"dist_timeout_s={self.dist_timeout_s} must be positive (seconds)")
+        require(self.shard_latents >= 1, f"shard_latents={self.shard_latents} must be >= 1 (1: no sharding)")
         from saekit.sae.registry import as_variant_config
 
         self.activation = as_variant_config(self.activation)

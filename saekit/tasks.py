@@ -122,6 +122,10 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
 
 def _check_data_parallel(cfg: TrainConfig, world: World) -> None:
     """What data-parallel training (torchrun) supports; anything else is one line before any work."""
+    if cfg.shard_latents > 1:
+        from saekit.sharding import check_sharding
+
+        check_sharding(cfg, world)
     if not world.enabled:
         return
     import torch.distributed
@@ -129,7 +133,8 @@ def _check_data_parallel(cfg: TrainConfig, world: World) -> None:
     require(torch.distributed.is_initialized(),
             f"{world.size} ranks but no process group: data-parallel training starts from the command line, under "
             f"torchrun or srun (scripts/slurm/train_ddp.sbatch); a sweep's SLURM jobs take hydra.launcher.tasks_per_node=1")
-    world.check_batch(cfg.batch_size)
+    if cfg.shard_latents == 1:
+        world.check_batch(cfg.batch_size)
     require(not cfg.multi_hook, f"data-parallel training takes one hook (got {len(cfg.hook_names)}); run one "
                                 f"torchrun per hook, or train the list of hooks in one process")
     require(cfg.cache.mode != "stream", "cache.mode=stream is not supported under torchrun; use the disk cache "
@@ -139,7 +144,12 @@ def _check_data_parallel(cfg: TrainConfig, world: World) -> None:
 def _train_as_worker(job: "_Job", device, world: World) -> dict:
     """Ranks > 0 train their share of every batch in step with rank 0, which writes the run folder (checkpoints,
     step log, status, evaluation, tables); they write nothing."""
-    fit(job.cfg, job.data, job.run_dir, device, None, evaluator=None, world=world)
+    if job.cfg.shard_latents > 1:
+        from saekit.sharding import fit_sharded
+
+        fit_sharded(job.cfg, job.data, job.run_dir, device, world)
+    else:
+        fit(job.cfg, job.data, job.run_dir, device, None, evaluator=None, world=world)
     return {}
 
 
@@ -226,8 +236,14 @@ def _train_jobs(jobs: list[_Job], models: ModelPool, device, lockstep: bool,
         _start_job(job)
         # evaluation and the table too: an error there must not leave "running"
         with _failed_status_on_error([job]), _tracker(job) as tracker:
-            result = fit(job.cfg, job.data, job.run_dir, device, console,
-                         evaluator=_training_evaluator(job.cfg, job.eval_cache, models), tracker=tracker, world=world)
+            if job.cfg.shard_latents > 1:
+                from saekit.sharding import fit_sharded
+
+                result = fit_sharded(job.cfg, job.data, job.run_dir, device, world)
+            else:
+                result = fit(job.cfg, job.data, job.run_dir, device, console,
+                             evaluator=_training_evaluator(job.cfg, job.eval_cache, models), tracker=tracker,
+                             world=world)
             metrics.append(_finish_job(job, result, models, tracker))
     return metrics
 

@@ -45,7 +45,8 @@ _STANDARD_TERMS = ("loss", "mse", "sparsity", "auxk", "l0", "fired")
 # Evaluation settings (final_eval, eval_tokens) only measure the trained weights, so they may change too.
 _RESUME_IGNORED = ("device", "resume", "log_every_steps", "ckpt_every_steps", "run_id", "overrides", "cache",
                    "eval_every_steps", "eval_delta_ce", "eval_tokens", "final_eval", "fast_path", "compile", "prefetch",
-                   "loader", "lock_wait_s", "logger", "objective", "dist_timeout_s")
+                   "loader", "lock_wait_s", "logger", "objective", "dist_timeout_s",
+                   "shard_latents")
 # Names and locations: the activation cache's content key already covers the model's weights and the text, so a
 # moved repository or a renamed run resumes.
 _RESUME_IGNORED_NESTED = {"model": ("name", "display_name"), "data": ("name", "paths", "eval_paths", "hf_data_files")}
