@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch; an unpinned torch would pull several GB of CUDA packages.
 TORCH  ?= torch==2.13.0
 
-.PHONY: help install demo test test-all test-gpu bench clean
+.PHONY: help install demo test test-cluster test-all test-gpu bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -20,8 +20,11 @@ demo:  ## train a TopK SAE on stories260k (blocks.2.hook_resid_post), then re-ev
 	$(BIN)/saekit train activation=topk k=8 n=512 data.ctx_len=64 hydra.run.dir=outputs/demo/topk
 	$(BIN)/saekit eval ckpt=outputs/demo/topk hydra.run.dir=outputs/demo/topk_eval
 
-test:  ## the fast offline test suite (under 10 minutes on 2 cores)
-	$(BIN)/pytest -m "not slow and not gpu" -q
+test:  ## the fast offline test suite (about 12 minutes on 2 cores)
+	$(BIN)/pytest -m "not slow and not gpu and not distributed and not slurm" -q
+
+test-cluster:  ## multi-process tests: real gloo process groups (2-4 ranks) and a local SLURM cluster (root; about 4 minutes)
+	$(BIN)/pytest -m "(distributed or slurm) and not slow and not gpu" -q
 
 test-all:  ## every test, the slow ones included (gpu tests skip without CUDA)
 	$(BIN)/pytest -q

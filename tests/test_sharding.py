@@ -82,3 +82,11 @@ def test_what_sharding_does_not_cover_is_one_line(tmp_path, small_text, one_proc
         assert result.returncode != 0 and ours and words in ours[0], result.stderr[-2000:]
     alone = run_cli("train", *settings(small_text, cache), "shard_latents=2", f"hydra.run.dir={tmp_path / 'y'}")
     assert alone.returncode == 2 and "shard_latents=2 needs 2 ranks" in alone.stderr
+
+
+def test_the_readmes_memory_formula_for_a_million_latents():
+    from saekit.sharding import memory_per_rank_bytes
+
+    # 4 copies (weights, gradients, two Adam moments) x 4 bytes x (2 * 131072 * 768 + 131072 + 768) values
+    assert memory_per_rank_bytes(2**20, 768, 8) == 3_223_334_912
+    assert memory_per_rank_bytes(2**20, 768, 1) == 25_786_593_280
