@@ -33,6 +33,7 @@ from torch import nn
 from saekit.config import TrainConfig
 from saekit.distributed import World, _collective
 from saekit.errors import ConfigError
+from saekit.sae.base import normalize_rows_, project_row_grads_
 
 log = logging.getLogger(__name__)
 
@@ -183,16 +184,11 @@ class ShardedTopK(nn.Module):
         residual_var = residual_var.clamp_min(1e-12)
         return self.spec.aux_alpha * (error - error_hat).pow(2).sum(dim=-1).mean() / residual_var
 
-    @torch.no_grad()
     def normalize_decoder_(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+        normalize_rows_(self.W_dec)  # per latent: each shard its own rows
 
-    @torch.no_grad()
     def project_decoder_grad_(self) -> None:
-        if self.W_dec.grad is None:
-            return
-        unit = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        self.W_dec.grad.sub_((self.W_dec.grad * unit).sum(dim=1, keepdim=True) * unit)
+        project_row_grads_(self.W_dec)
 
     def gather_into(self, full) -> None:
         """The whole SAE's weights into `full` (every rank of the shard group takes part; all get them)."""

@@ -451,18 +451,11 @@ class SparseAutoencoder(nn.Module):
         return self.denormalize_output(x_hat, state), z
 
     # ---- geometry kept by the trainer (SPEC 3) ------------------------------------------------------
-    @torch.no_grad()
     def normalize_decoder_(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+        normalize_rows_(self.W_dec)
 
-    @torch.no_grad()
     def project_decoder_grad_(self) -> None:
-        """Remove each decoder row's gradient component along the row, so Adam does not fight renormalization."""
-        if self.W_dec.grad is None:
-            return
-        unit = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        parallel = (self.W_dec.grad * unit).sum(dim=1, keepdim=True)
-        self.W_dec.grad.sub_(parallel * unit)
+        project_row_grads_(self.W_dec)
 
     @torch.no_grad()
     def initialize(self, sample: torch.Tensor, b_pre: str, tied: bool, scale_encoder: bool,
@@ -529,6 +522,21 @@ class SparseAutoencoder(nn.Module):
         if self.cfg.learned_scale:
             activations = activations * self.latent_scale[code.latents]
         return decode_code(code, activations, self.W_dec).norm(dim=-1)
+
+
+@torch.no_grad()
+def normalize_rows_(W_dec: torch.Tensor) -> None:
+    """Unit-norm decoder rows (SPEC 3: after every optimizer step)."""
+    W_dec.div_(W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+
+@torch.no_grad()
+def project_row_grads_(W_dec: torch.Tensor) -> None:
+    """Remove each decoder row's gradient component along the row, so Adam does not fight renormalization."""
+    if W_dec.grad is None:
+        return
+    unit = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    W_dec.grad.sub_((W_dec.grad * unit).sum(dim=1, keepdim=True) * unit)
 
 
 def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
