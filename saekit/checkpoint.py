@@ -212,6 +212,10 @@ class Checkpoint:
 
     def write(self) -> None:
         atomic_save(self.state, self.state_path, self.state_metadata)
+        self.write_weights()
+
+    def write_weights(self) -> None:
+        """`sae.safetensors` alone (the state file is already this step's)."""
         weights = {name[4:]: t for name, t in self.state.items() if name.startswith("sae.")}
         atomic_save(weights, self.sae_path, self.sae_metadata)
 

@@ -59,18 +59,19 @@ class EpochBatches:
                 f"batch_size={batch_size} exceeds the {self.n_rows} training vectors; lower batch_size or add data"
             )
         self.seed = seed
-        self._epoch = -1
-        self._perm: np.ndarray | None = None
+        self._order: Optional[tuple[int, np.ndarray]] = None
 
     def epoch_of(self, step: int) -> int:
         return step // self.batches_per_epoch
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
+        """The epoch's row order. Kept as one (epoch, order) pair, replaced whole: a batch asked for from another
+        thread (the prefetcher's, the training thread's) never pairs one epoch with another's order."""
+        cached = self._order
+        if cached is None or cached[0] != epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = torch.randperm(self.n_rows, generator=generator).numpy()
-            self._epoch = epoch
-        return self._perm
+            cached = self._order = (epoch, torch.randperm(self.n_rows, generator=generator).numpy())
+        return cached[1]
 
     def batch(self, step: int) -> torch.Tensor:
         """The float32 batch used at training step `step` (0-based): this rank's share of it."""

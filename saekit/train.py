@@ -532,7 +532,9 @@ class Trainer:
         """The result, once every checkpoint is written (an already finished run rewrites its final one)."""
         cfg = self.cfg
         if self.start >= cfg.n_steps and self.world.is_main and not _final_sae_written(self.run_dir, cfg.n_steps):
-            self._checkpoint(cfg.n_steps)
+            # Killed between the final checkpoint's two files: the state file is final, only the weights are due.
+            # (Rewriting the state would not even keep its bytes: safetensors orders metadata keys at random.)
+            self._take_checkpoint(cfg.n_steps).write_weights()
         self._writer.wait()
         return TrainResult(sae=self.sae, steps_run=cfg.n_steps - self.start, resumed_from=self.resumed_from,
                            tokens_per_s=self.tokens_per_s, dead_frac_train=self.dead.fraction,
@@ -577,12 +579,14 @@ class Trainer:
         if not self.world.is_main:
             self.last_ckpt = step
             return
-        facts = {**self.facts, "step": step, "world_size": self.world.size}
-        checkpoint = Checkpoint.take(self.run_dir, self.sae, self.optimizer,
-                                     {"tokens_since_fired": self.dead.tokens_since_fired}, facts,
-                                     {**facts, "finished": step >= self.cfg.n_steps})
-        self._writer.submit(checkpoint)
+        self._writer.submit(self._take_checkpoint(step))
         self.last_ckpt = step
+
+    def _take_checkpoint(self, step: int) -> Checkpoint:
+        facts = {**self.facts, "step": step, "world_size": self.world.size}
+        return Checkpoint.take(self.run_dir, self.sae, self.optimizer,
+                               {"tokens_since_fired": self.dead.tokens_since_fired}, facts,
+                               {**facts, "finished": step >= self.cfg.n_steps})
 
     def _tokens_to_next_log(self, done: int) -> int:
         """Tokens from step `done` up to the next log step: what the dead-latent candidates must cover."""
