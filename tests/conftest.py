@@ -60,3 +60,16 @@ def trained_run(tmp_path_factory, cache_root) -> Path:
                      f"cache.dir={cache_root}", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
+
+
+def preflight_error(capsys, overrides: list[str]) -> str:
+    """The one stderr line (exit 2) with which `saekit train <overrides>` is refused before Hydra runs."""
+    from saekit.cli import _register, preflight
+
+    _register()
+    with pytest.raises(SystemExit) as exited:
+        preflight("train", overrides)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("saekit: error: "), err
+    return err

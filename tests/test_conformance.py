@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 
 import saekit.sae.sparse as sparse
-from conftest import MODEL_DIR, TRAIN_JSON, run_cli
+from conftest import MODEL_DIR, TRAIN_JSON, preflight_error, run_cli
 from saekit.checkpoint import load_sae, save_sae
 from saekit.cli import _register, conf_dir, preflight
 from saekit.config import ModelConfig
@@ -298,25 +298,15 @@ def test_matryoshka_eval_adds_per_prefix_rows(evaluated):
     assert others["prefix"].isna().all()  # other SAEs get prefix rows only when eval asks (prefixes=[...])
 
 
-def _one_line_error(capsys, overrides: list[str]) -> str:
-    _register()
-    with pytest.raises(SystemExit) as exited:
-        preflight("train", overrides)
-    assert exited.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("saekit: error: "), err
-    return err
-
-
 @pytest.mark.parametrize("activation", VARIANTS)
 def test_the_variant_has_a_typed_yaml_and_refuses_bad_settings_in_one_line(activation, capsys):
     assert (conf_dir() / "activation" / f"{activation}.yaml").is_file()
     _register()
     composed = preflight("train", [f"activation={activation}"])
     assert isinstance(composed.activation, REGISTRY[activation].Config)
-    assert "activation.no_such_knob" in _one_line_error(capsys, [f"activation={activation}",
+    assert "activation.no_such_knob" in preflight_error(capsys, [f"activation={activation}",
                                                                   "activation.no_such_knob=1"])
     for field in dataclasses.fields(REGISTRY[activation].Config):
         if field.type in ("int", "float", "bool", int, float, bool):
-            err = _one_line_error(capsys, [f"activation={activation}", f"activation.{field.name}=not_a_number"])
+            err = preflight_error(capsys, [f"activation={activation}", f"activation.{field.name}=not_a_number"])
             assert f"activation.{field.name}" in err, err

@@ -14,10 +14,9 @@ import pytest
 import torch
 from rich.console import Console
 
-from conftest import MODEL_DIR, REPO, run_cli
+from conftest import MODEL_DIR, REPO, preflight_error, run_cli
 from saekit.cache import cache_keys, ensure_cache
 from saekit.checkpoint import load_sae, save_sae
-from saekit.cli import _register, preflight
 from saekit.config import CacheConfig, DataConfig, ModelConfig, SiteConfig
 from saekit.downstream import downstream_metrics, log_probs_of, nll_from_log_probs
 from saekit.errors import ConfigError
@@ -375,16 +374,6 @@ def test_cli_trains_and_evaluates_a_skip_transcoder(tmp_path, small_text, cache_
 
 
 # ---- one-line errors ----------------------------------------------------------------------------------------------
-def _one_line_error(capsys, overrides: list[str]) -> str:
-    _register()
-    with pytest.raises(SystemExit) as exited:
-        preflight("train", overrides)
-    assert exited.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("saekit: error: "), err
-    return err
-
-
 @pytest.mark.parametrize("overrides, words", [
     ([f"hook={HOOK}", f"hook_out={HOOK}"], ["hook_out=", "the hook the transcoder reads"]),
     (["layer=2", "hook_out=blocks.2.hook_resid_post"], ["hook_out=", "the hook the transcoder reads"]),
@@ -395,7 +384,7 @@ def _one_line_error(capsys, overrides: list[str]) -> str:
     ([f"hook={HOOK}", f"hook_out={HOOK_OUT}", "dead=resample"], ["dead=resample", "dead=auxk"]),
 ])
 def test_bad_transcoder_settings_fail_in_one_line(capsys, overrides, words):
-    err = _one_line_error(capsys, overrides)
+    err = preflight_error(capsys, overrides)
     for word in words:
         assert word in err, err
 
