@@ -8,7 +8,6 @@ with a non-zero exit.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -28,8 +27,6 @@ COMMANDS = {
     "report": ("", "Pareto plots, progressive-code curves, a power-law fit and report.md: saekit report <sweep folder>"),
 }
 EXIT_USER_ERROR = 2
-# What a full disk, a quota or a read-only / forbidden folder raise (the cache's list, for the run folder).
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 FILE_ONLY = {"console": False}
 """`extra=` for a log record meant for the job log file alone (saekit.logs' console handler skips it)."""
 log = logging.getLogger("saekit.cli")
@@ -228,7 +225,6 @@ def preflight_sweep(source: ConfigSource, overrides: list[str]) -> list[list[str
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from saekit.errors import SaekitError
     from saekit.sweep import expand_jobs
 
     try:
@@ -242,9 +238,7 @@ def preflight_sweep(source: ConfigSource, overrides: list[str]) -> list[list[str
             sweeper = compose(fixed, return_hydra_config=True).hydra.sweeper
             jobs = expand_jobs(task, sweeper.get("params"), sweeper.get("groups")) \
                 if str(sweeper.get("_target_", "")).endswith(_GRID_SWEEPERS) else [_task_overrides(fixed)]
-        except SaekitError:
-            jobs = [task]  # the fixed settings fail a value check: the jobs below say which
-        except Exception as exc:
+        except Exception as exc:  # composing runs no value checks: what fails here is the config's shape
             _fail(describe_config_error(exc))
         for job in jobs:
             _check_sweep_job(compose, job)
@@ -417,13 +411,12 @@ def _run_task(task: Callable[[Any, Path], Any], cfg, run_dir: Path) -> Any:
 
 def _with_disk_errors(task: Callable[[Any, Path], Any], cfg, run_dir: Path, setting: str) -> Any:
     """A full, read-only or forbidden run folder is the user's to fix: one line naming the folder and the fix."""
-    from saekit.cache import disk_error
+    from saekit.fileutil import disk_error, is_disk_error
 
     try:
         return task(cfg, run_dir)
     except OSError as exc:
-        inside = exc.filename is None or Path(str(exc.filename)).resolve().is_relative_to(run_dir.resolve())
-        if exc.errno not in _DISK_ERRNOS or not inside:
+        if not is_disk_error(exc, run_dir):
             raise
         raise disk_error(exc, setting, run_dir) from exc
 

@@ -108,14 +108,6 @@ class World:
         _collective(torch.distributed.all_reduce, value)
         return value / self.size
 
-    def residual_variance(self, error: torch.Tensor) -> torch.Tensor:
-        """Mean over the global batch's rows of ||e − mean(e)||² (AuxK's normaliser), e detached: the same two-pass
-        computation one process does on the whole batch, with the sums gathered from every rank."""
-        if not self.enabled:
-            return (error - error.mean(dim=0)).pow(2).sum(dim=-1).mean()
-        mean = self.mean_(error.mean(dim=0))
-        return self.mean_((error - mean).pow(2).sum(dim=-1).mean())
-
     def broadcast_(self, tensors: Iterable[torch.Tensor]) -> None:
         """Rank 0's values into every rank's tensors (in place)."""
         if not self.enabled:

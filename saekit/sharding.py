@@ -19,6 +19,7 @@ they load, evaluate and resume anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from torch import nn
 from saekit.config import TrainConfig
 from saekit.distributed import World, _collective
 from saekit.errors import ConfigError
-from saekit.sae.base import normalize_rows_, project_row_grads_
+from saekit.sae.base import auxk_from, normalize_rows_, project_row_grads_
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,10 @@ class Grid:
             _collective(dist.all_reduce, tensor, group=self.data_group)
             tensor /= self.data_ranks
         return tensor
+
+    def mean_over_data(self, value: torch.Tensor) -> torch.Tensor:
+        """A statistic of this group's rows averaged over the data-parallel groups (a new tensor)."""
+        return self.average_over_data_(value.detach().clone())
 
     def any_over_data(self, mask: torch.Tensor) -> torch.Tensor:
         if self.data_ranks == 1:
@@ -177,12 +182,8 @@ class ShardedTopK(nn.Module):
         chosen = global_top_k(scores, k_aux, self.grid) & dead_mask
         values = torch.where(chosen, F.relu(h), torch.zeros((), device=h.device))
         error_hat = _SumOverShards.apply(values @ self.W_dec, self.grid)
-        error = (x - x_hat).detach()
-        # Over the whole batch, which the data-parallel groups share: the same two passes one process makes.
-        mean = self.grid.average_over_data_(error.mean(dim=0))
-        residual_var = self.grid.average_over_data_((error - mean).pow(2).sum(dim=-1).mean().reshape(1)).squeeze()
-        residual_var = residual_var.clamp_min(1e-12)
-        return self.spec.aux_alpha * (error - error_hat).pow(2).sum(dim=-1).mean() / residual_var
+        # The normaliser over the whole batch, which the data-parallel groups share.
+        return auxk_from((x - x_hat).detach(), error_hat, self.spec.aux_alpha, self.grid.mean_over_data)
 
     def normalize_decoder_(self) -> None:
         normalize_rows_(self.W_dec)  # per latent: each shard its own rows
@@ -245,9 +246,10 @@ def fit_sharded(cfg: TrainConfig, data, run_dir: Path, device: torch.device, wor
     from saekit.checkpoint import STATE_FILE, Checkpoint, load_train_state
     from saekit.loader import Prefetcher
     from saekit.sae import build_sae
-    from saekit.stopping import StopFlag, current_stop_flag
+    from saekit.stopping import StopFlag, TrainingInterrupted, current_stop_flag
     from saekit.train import (STEP_LOG, StepLog, TrainResult, _resume_point, _stop_agreed, config_fingerprint,
-                              dead_window_tokens, initialize, learning_rate, make_optimizer, spec_from_config)
+                              dead_window_tokens, initialize, learning_rate, make_optimizer, set_learning_rate,
+                              spec_from_config)
 
     grid = Grid.build(world, cfg.shard_latents)
     log_layout(grid, cfg.n)
@@ -259,7 +261,8 @@ def fit_sharded(cfg: TrainConfig, data, run_dir: Path, device: torch.device, wor
     full = build_sae(spec_from_config(cfg, data.d)).to(device)
     full_optimizer = make_optimizer(full, cfg)
     resume = _resume_point(cfg, run_dir, data.key)
-    start = int(resume["step"]) if resume is not None else 0
+    resumed_from = int(resume["step"]) if resume is not None else None
+    start = resumed_from or 0
     counters = torch.zeros(cfg.n, dtype=torch.long, device=device)
     if resume is not None:
         saved, _ = load_train_state(run_dir / STATE_FILE, full, full_optimizer)
@@ -275,7 +278,7 @@ def fit_sharded(cfg: TrainConfig, data, run_dir: Path, device: torch.device, wor
         _slice_optimizer_state(full, full_optimizer, model, optimizer)
     local_counters = counters[model.rows].clone()
     window, facts = dead_window_tokens(cfg), {"config_fingerprint": config_fingerprint(cfg, data.key)}
-    step_log = StepLog(run_dir / STEP_LOG, resume and start) if world.is_main else None
+    step_log = StepLog(run_dir / STEP_LOG, resumed_from) if world.is_main else None
     began, global_rows = time.perf_counter(), cfg.batch_size
 
     def checkpoint(step: int) -> None:
@@ -283,7 +286,7 @@ def fit_sharded(cfg: TrainConfig, data, run_dir: Path, device: torch.device, wor
         _gather_optimizer_state(model, optimizer, full, full_optimizer, grid)
         everything = torch.cat(grid.all_gather(local_counters), dim=0)
         if world.is_main:
-            info = {**facts, "train_config": _asdict(cfg), "step": step, "world_size": world.size,
+            info = {**facts, "train_config": dataclasses.asdict(cfg), "step": step, "world_size": world.size,
                     "shard_latents": grid.shards}
             Checkpoint.take(run_dir, full, full_optimizer, {"tokens_since_fired": everything}, info,
                             {**info, "finished": step >= cfg.n_steps}).write()
@@ -292,13 +295,10 @@ def fit_sharded(cfg: TrainConfig, data, run_dir: Path, device: torch.device, wor
         for step in range(start, cfg.n_steps):
             if _stop_agreed(stop, step, cfg, world, device):
                 checkpoint(step)
-                from saekit.stopping import TrainingInterrupted
-
                 raise TrainingInterrupted(step, stop.reason)
             x = batches.get(step) * model.input_scale
             lr = learning_rate(cfg, data.d, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
+            set_learning_rate(optimizer, lr)
             dead_mask = local_counters >= window
             any_dead = bool(grid.sum_over_shards_(dead_mask.any().to(torch.int32).reshape(1)).item()) \
                 if cfg.dead.method == "auxk" else False
@@ -326,24 +326,18 @@ def fit_sharded(cfg: TrainConfig, data, run_dir: Path, device: torch.device, wor
         if start >= cfg.n_steps:
             model.gather_into(full)
     elapsed = time.perf_counter() - began
-    return TrainResult(sae=full, steps_run=cfg.n_steps - start, resumed_from=start if resume is not None else None,
+    return TrainResult(sae=full, steps_run=cfg.n_steps - start, resumed_from=resumed_from,
                        tokens_per_s=(cfg.n_steps - start) * cfg.batch_size / max(elapsed, 1e-9),
                        dead_frac_train=float((torch.cat(grid.all_gather(local_counters)) >= window).float().mean()),
                        epochs=cfg.n_steps * cfg.batch_size / data.batches.n_rows)
 
 
-def _asdict(cfg: TrainConfig) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)
-
-
 def _row(terms: dict, step: int, cfg: TrainConfig, grid: Grid, dead_mask: torch.Tensor, lr: float,
          began: float) -> dict:
     """The step-log row, with the data-parallel groups' mean loss and the dead fraction over all shards."""
-    loss = grid.average_over_data_(terms["loss"].detach().float().reshape(1).clone()).item()
-    mse = grid.average_over_data_(terms["mse"].detach().float().reshape(1).clone()).item()
-    auxk = grid.average_over_data_(terms["auxk"].detach().float().reshape(1).clone()).item() if "auxk" in terms else 0.0
+    loss = grid.mean_over_data(terms["loss"].float()).item()
+    mse = grid.mean_over_data(terms["mse"].float()).item()
+    auxk = grid.mean_over_data(terms["auxk"].float()).item() if "auxk" in terms else 0.0
     dead = grid.sum_over_shards_(dead_mask.sum().to(torch.float32).reshape(1)).item() / cfg.n
     return {"step": step, "tokens": step * cfg.batch_size, "loss": loss, "mse": mse, "l0": float(terms["l0"]),
             "dead_frac": dead, "lr": lr, "tokens_per_s": round(step * cfg.batch_size / max(time.perf_counter() - began,

@@ -144,13 +144,18 @@ def _check_data_parallel(cfg: TrainConfig, world: World) -> None:
 def _train_as_worker(job: "_Job", device, world: World) -> dict:
     """Ranks > 0 train their share of every batch in step with rank 0, which writes the run folder (checkpoints,
     step log, status, evaluation, tables); they write nothing."""
+    _fit(job, device, world)
+    return {}
+
+
+def _fit(job: "_Job", device, world: World, console=None, evaluator=None, tracker: Optional[Tracker] = None):
+    """Train one job: `fit`, or `fit_sharded` when its latents are split over ranks (that loop has no evaluator and
+    sends no step rows to a tracker; the final table still goes there)."""
     if job.cfg.shard_latents > 1:
         from saekit.sharding import fit_sharded
 
-        fit_sharded(job.cfg, job.data, job.run_dir, device, world)
-    else:
-        fit(job.cfg, job.data, job.run_dir, device, None, evaluator=None, world=world)
-    return {}
+        return fit_sharded(job.cfg, job.data, job.run_dir, device, world)
+    return fit(job.cfg, job.data, job.run_dir, device, console, evaluator=evaluator, tracker=tracker, world=world)
 
 
 def _train_and_tabulate(cfg: TrainConfig, run_dir: Path, jobs: list["_Job"], models: ModelPool, device,
@@ -236,14 +241,7 @@ def _train_jobs(jobs: list[_Job], models: ModelPool, device, lockstep: bool,
         _start_job(job)
         # evaluation and the table too: an error there must not leave "running"
         with _failed_status_on_error([job]), _tracker(job) as tracker:
-            if job.cfg.shard_latents > 1:
-                from saekit.sharding import fit_sharded
-
-                result = fit_sharded(job.cfg, job.data, job.run_dir, device, world)
-            else:
-                result = fit(job.cfg, job.data, job.run_dir, device, console,
-                             evaluator=_training_evaluator(job.cfg, job.eval_cache, models), tracker=tracker,
-                             world=world)
+            result = _fit(job, device, world, console, _training_evaluator(job.cfg, job.eval_cache, models), tracker)
             metrics.append(_finish_job(job, result, models, tracker))
     return metrics
 

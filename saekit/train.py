@@ -289,6 +289,12 @@ def matmul_precision(precision: str):
         torch.set_float32_matmul_precision(before)
 
 
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's rate into every parameter group, times the group's `lr_scale`."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                dead: DeadLatents, cfg: TrainConfig, lr: float,
                loss_fn: Optional[LossFunction] = None, y: Optional[torch.Tensor] = None,
@@ -300,8 +306,7 @@ def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torc
     before anything reads them, and the dead-latent counters see the whole batch, so every rank stays identical.
     Nothing here reads a device value back, so on an accelerator the host queues the next step at once.
     """
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+    set_learning_rate(optimizer, lr)
     global_rows = x.shape[0] * world.size
     dead_set = dead.dead_set(global_rows) if cfg.dead.method == "auxk" else None
     terms = (loss_fn or sae.loss_terms)(x, dead_set, *(() if y is None else (y,)))
@@ -428,8 +433,8 @@ class Trainer:
         self._build(initialized=resume is None)
         if resume is not None:
             counters, _ = load_train_state(run_dir / STATE_FILE, self.sae, self.optimizer)
-            for group in self.optimizer.param_groups:  # the last trained step's rate, as a straight run has it
-                group["lr"] = learning_rate(cfg, self.data.d, self.start - 1) * group.get("lr_scale", 1.0)
+            # the last trained step's rate, as a straight run's optimizer has it
+            set_learning_rate(self.optimizer, learning_rate(cfg, self.data.d, self.start - 1))
             self.dead.tokens_since_fired = counters["tokens_since_fired"].to(device)
             log.info("resuming from step %d of %d (%s)", self.start, cfg.n_steps, run_dir / STATE_FILE)
         self._agree()

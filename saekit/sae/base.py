@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import ClassVar, Optional, Protocol
+from typing import Callable, ClassVar, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -172,7 +172,7 @@ class Encoding:
 class BatchReducer(Protocol):
     """Batch-wide statistics over data-parallel ranks (saekit.distributed.World implements it)."""
 
-    def residual_variance(self, error: torch.Tensor) -> torch.Tensor: ...
+    def mean_(self, value: torch.Tensor) -> torch.Tensor: ...
 
     def min_(self, value: torch.Tensor) -> torch.Tensor: ...
 
@@ -411,11 +411,8 @@ class SparseAutoencoder(nn.Module):
         return dead.gate(self._auxk_from((x - x_hat).detach(), error_hat))
 
     def _auxk_from(self, error: torch.Tensor, error_hat: torch.Tensor) -> torch.Tensor:
-        if self.reducer is not None:  # the global batch's variance, not this rank's share's
-            residual_var = self.reducer.residual_variance(error).clamp_min(1e-12)
-        else:
-            residual_var = (error - error.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
-        return self.spec.aux_alpha * (error - error_hat).pow(2).sum(dim=-1).mean() / residual_var
+        # Under data parallelism the variance is the global batch's, not this rank's share's.
+        return auxk_from(error, error_hat, self.spec.aux_alpha, self.reducer.mean_ if self.reducer else None)
 
     # ---- input normalization, applied around the SAE for raw activations -------------------------
     def normalize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[tuple]]:
@@ -537,6 +534,19 @@ def project_row_grads_(W_dec: torch.Tensor) -> None:
         return
     unit = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
     W_dec.grad.sub_((W_dec.grad * unit).sum(dim=1, keepdim=True) * unit)
+
+
+def auxk_from(error: torch.Tensor, error_hat: torch.Tensor, alpha: float,
+              mean_over_batch: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """α ||e − ê||² / ||e − mean(e)||², each averaged over rows, e detached (Gao et al. 2024, A.2).
+
+    `mean_over_batch` averages a statistic of these rows over the ranks whose rows make up one batch (data
+    parallelism), so the normaliser is the whole batch's, computed in the same two passes; None: these rows are
+    the whole batch."""
+    average = mean_over_batch or (lambda value: value)
+    mean = average(error.mean(dim=0))
+    residual_var = average((error - mean).pow(2).sum(dim=-1).mean()).clamp_min(1e-12)
+    return alpha * (error - error_hat).pow(2).sum(dim=-1).mean() / residual_var
 
 
 def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
