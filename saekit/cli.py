@@ -25,7 +25,12 @@ COMMANDS = {
     "sweep": ("train", "a Hydra multirun of `train`, e.g. saekit sweep k=8,16,32"),
     "hooks": ("cache", "list the hook points of a model: saekit hooks model=stories260k"),
     "report": ("", "Pareto plots, progressive-code curves, a power-law fit and report.md: saekit report <sweep folder>"),
+    "export": ("export", "write an SAE as a SAELens or sparsify folder: saekit export ckpt=<run> format=saelens out=<folder>"),
+    "import": ("import", "a SAELens/sparsify folder, Gemma Scope .npz or OpenAI .pt as a saekit checkpoint: "
+                         "saekit import <file or folder> out=<folder>"),
 }
+_PLAIN_COMMANDS = ("hooks", "export", "import")
+"""Commands that write no Hydra run folder: they print, or write only the folder they are given."""
 EXIT_USER_ERROR = 2
 FILE_ONLY = {"console": False}
 """`extra=` for a log record meant for the job log file alone (saekit.logs' console handler skips it)."""
@@ -267,8 +272,9 @@ def _absolute(path: str) -> str:
 
 def absolutize_paths(cfg) -> None:
     """Local model and data paths become absolute, so a saved config works from any folder."""
-    cfg.model.name = _absolute(cfg.model.name)
-    if cfg.data is not None:
+    if getattr(cfg, "model", None) is not None:
+        cfg.model.name = _absolute(cfg.model.name)
+    if getattr(cfg, "data", None) is not None:
         cfg.data.paths = [_absolute(p) for p in cfg.data.paths]
         cfg.data.eval_paths = [_absolute(p) for p in cfg.data.eval_paths]
 
@@ -461,7 +467,7 @@ def _hydra_run(source: ConfigSource, task: Callable[[Any, Path], Any]) -> None:
     entry()
 
 
-_PATH_KEYS = ("ckpt", "hydra.run.dir", "hydra.sweep.dir", "cache.dir")
+_PATH_KEYS = ("ckpt", "hydra.run.dir", "hydra.sweep.dir", "cache.dir", "src", "out")
 _SPECIAL = set("=,[]{}()'\" ")
 
 
@@ -543,6 +549,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     command, rest = argv[0], quote_path_values(argv[1:])
     if command not in COMMANDS:
         _fail(f"unknown command {command!r}; use one of: {', '.join(COMMANDS)}")
+    if command == "import":
+        rest = quote_path_values(_positional_source(rest))
     if command == "report":
         return _report(rest)
     if command == "cache" and rest[:1] == ["verify"]:
@@ -566,11 +574,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     elif not _is_info_request(flags):
         checked = preflight(source.name, overrides, source)
         _refuse_or_fail(checked, overrides)
-        if command == "hooks":  # prints only: no run folder, no log file
-            from saekit import tasks
-
-            absolutize_paths(checked)
-            return _run_plain(tasks.hooks, checked, Path("."))
+        if command in _PLAIN_COMMANDS:
+            return _run_plain_command(command, checked)
         with _process_group(command, checked):
             return _launch(command, source, flags, overrides, multirun)
     _launch(command, source, flags, overrides, multirun)
@@ -759,6 +764,27 @@ def _print_sweep_jobs(source: ConfigSource, jobs: list[list[str]], part: str = "
             print(OmegaConf.to_yaml(composed))
 
 
+def _positional_source(args: list[str]) -> list[str]:
+    """`saekit import <file or folder> out=...`: the one word that is neither an override nor a flag is `src=`."""
+    words = [arg for arg in args if "=" not in arg and not arg.startswith("-")]
+    if len(words) > 1:
+        _fail(f"import takes one file or folder; got {len(words)}: {' '.join(words)}")
+    return [f"src={arg}" if arg in words else arg for arg in args]
+
+
+def _run_plain_command(command: str, checked: Any) -> None:
+    """hooks prints; export and import write only the folder named by out= (no run folder, no log file)."""
+    from saekit import tasks
+
+    if command == "hooks":
+        absolutize_paths(checked)
+        return _run_plain(tasks.hooks, checked, Path("."))
+    from saekit.formats.run import export, import_sae
+
+    absolutize_paths(checked)
+    _run_plain(export if command == "export" else import_sae, checked)
+
+
 def _report(args: list[str]) -> None:
     from saekit.sweep_report import write_report
 
@@ -808,8 +834,7 @@ def _prepare(cfg):
     from hydra.types import RunMode
 
     typed = to_dataclass(cfg)
-    if hasattr(typed, "model"):
-        absolutize_paths(typed)
+    absolutize_paths(typed)
     if hasattr(typed, "overrides"):
         from saekit.sweep import parse_overrides
 

@@ -516,9 +516,16 @@ class EvalConfig:
     """`saekit eval`: every SPEC 4 metric of a trained SAE (or of every run in a sweep folder) on held-out tokens."""
 
     ckpt: str = MISSING
-    """A run folder, a checkpoint file (`sae.safetensors`) or a sweep folder (every run below it)."""
+    """A run folder, a checkpoint file (`sae.safetensors`) or a sweep folder (every run below it); or another
+    project's SAE: a SAELens folder, a sparsify folder, a Gemma Scope params.npz, an OpenAI GPT-2 SAE .pt."""
     data: Optional[DataConfig] = None
     """Evaluation data; None reuses the training run's data (its held-out split)."""
+    model: Optional[ModelConfig] = None
+    """Foreign SAE files only: the model (model=<option>), when the file does not name it."""
+    hook: Optional[str] = None
+    """Foreign SAE files only: the hook the SAE reads, when the file does not name it."""
+    hook_out: Optional[str] = None
+    """Foreign transcoder files only: the hook it predicts, when the file does not name it."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     device: str = "auto"
     batch_size: int = 8192
@@ -566,6 +573,62 @@ class EvalConfig:
         require(self.lock_wait_s >= 0, f"lock_wait_s={self.lock_wait_s} must be >= 0 (0 refuses a busy run folder at once)")
 
 
+EXPORT_FORMATS = ("saelens", "sparsify")
+
+
+@dataclass
+class ExportConfig:
+    """`saekit export ckpt=<run> format=saelens|sparsify out=<folder>`: the SAE in another project's layout."""
+
+    ckpt: str = MISSING
+    """A run folder or `sae.safetensors` (or any file `saekit eval` reads, to convert it)."""
+    format: str = "saelens"
+    """`saelens` (cfg.json + sae_weights.safetensors + sparsity.safetensors) or `sparsify` (<hookpoint>/cfg.json +
+    sae.safetensors)."""
+    out: str = MISSING
+    """The folder to write (refused when it exists and is not empty, unless overwrite=true)."""
+    overwrite: bool = False
+    sparsity: bool = True
+    """saelens: write sparsity.safetensors, the held-out firing rates (reads the run's held-out activations)."""
+    hookpoint: Optional[str] = None
+    """sparsify: the hook folder's name; None derives it (`layers.3`, or `h.3` for GPT-2) from the hook."""
+    model: Optional[ModelConfig] = None
+    """Foreign input files only, as for `saekit eval`."""
+    hook: Optional[str] = None
+    hook_out: Optional[str] = None
+    data: Optional[DataConfig] = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    device: str = "auto"
+    batch_size: int = 8192
+    """Tokens per batch when measuring the held-out firing rates."""
+
+    def __post_init__(self) -> None:
+        check_choice("format", self.format, EXPORT_FORMATS)
+        check_choice("device", self.device, DEVICES)
+        require(self.batch_size > 0, f"batch_size={self.batch_size} must be positive")
+        require(self.hookpoint is None or (self.hookpoint.strip() and "/" not in self.hookpoint),
+                f"hookpoint={self.hookpoint!r} must be a module name such as layers.3 (no /)")
+
+
+@dataclass
+class ImportConfig:
+    """`saekit import <file or folder> out=<folder>`: another project's SAE as a saekit checkpoint."""
+
+    src: str = MISSING
+    """A SAELens folder, a sparsify folder (one hook, or a run folder with one per hook), a Gemma Scope params.npz
+    or an OpenAI GPT-2 SAE .pt."""
+    out: str = MISSING
+    """The folder to write `sae.safetensors` into (one subfolder per hook for a sparsify run folder)."""
+    overwrite: bool = False
+    model: Optional[ModelConfig] = None
+    """The model, when the file does not name it (model=<option>)."""
+    hook: Optional[str] = None
+    """The hook, when the file does not name it."""
+    hook_out: Optional[str] = None
+    data: Optional[DataConfig] = None
+    """The text `saekit eval` of the imported checkpoint reads, when the file does not name its dataset."""
+
+
 def register_schemas() -> None:
     """Register the schemas in Hydra's ConfigStore so `conf/` is validated against them (the variants' own under
     `schema/activation/<name>`)."""
@@ -578,3 +641,5 @@ def register_schemas() -> None:
     registry.register_schemas()
     cs.store(name="cache_schema", node=CacheCommandConfig)
     cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="import_schema", node=ImportConfig)

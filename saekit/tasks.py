@@ -19,9 +19,10 @@ from saekit.cache import (SPLITS, ActivationCache, cache_bytes, cache_keys, ensu
                           read_manifest)
 from saekit.distributed import SINGLE, World, rank_device
 from saekit.errors import DataError, require
-from saekit.checkpoint import load_sae, resolve_checkpoints
+from saekit.checkpoint import resolve_checkpoints
 from saekit.config import CacheCommandConfig, CacheConfig, DataConfig, EvalConfig, ModelConfig, SiteConfig, TrainConfig
 from saekit.evaluate import Evaluation, check_compatible, evaluate_checkpoint
+from saekit.formats import checkpoint_name
 from saekit.fileutil import write_status
 from saekit.stopping import TrainingInterrupted
 from saekit.latents import DENSITY_PLOT, LATENT_TABLE, latent_table, plot_density_histogram, write_latent_table
@@ -368,7 +369,7 @@ def evaluate(cfg: EvalConfig, run_dir: Path) -> pd.DataFrame:
     All checkpoints are evaluated before anything is written, so a failure leaves no partial results.
     """
     device = resolve_device(cfg.device)
-    checkpoints = resolve_checkpoints(cfg.ckpt)
+    checkpoints = eval_checkpoints(cfg.ckpt)
     models = ModelPool(device)
     frames, latents = [], []
     for ckpt in checkpoints:
@@ -378,14 +379,37 @@ def evaluate(cfg: EvalConfig, run_dir: Path) -> pd.DataFrame:
     results = pd.concat(frames, ignore_index=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     for ckpt, table, stats in latents:
-        folder = run_dir if len(checkpoints) == 1 else run_dir / ckpt.parent.name
+        folder = run_dir if len(checkpoints) == 1 else run_dir / checkpoint_name(ckpt)
         folder.mkdir(parents=True, exist_ok=True)
         write_latent_table(table, folder)
-        plot_density_histogram(table, stats.n_tokens, folder, f"{ckpt.parent.name}: feature density")
+        plot_density_histogram(table, stats.n_tokens, folder, f"{checkpoint_name(ckpt)}: feature density")
     write_table(results, run_dir)
     log.info("results: %s (%d checkpoint(s)); per-latent statistics: %s, %s", run_dir / "results.csv",
              len(checkpoints), LATENT_TABLE, DENSITY_PLOT)
     return results
+
+
+def eval_checkpoints(ckpt: str) -> list[Path]:
+    """What `ckpt=` names: a saekit checkpoint, run folder or sweep folder (every run below it), or a foreign SAE
+    (a SAELens or sparsify folder, every hook of a sparsify run folder, a Gemma Scope .npz, an OpenAI .pt)."""
+    from saekit.formats import FOREIGN_FORMATS, detect_format, foreign_paths
+
+    path = Path(ckpt).expanduser()
+    fmt = detect_format(path) if path.exists() else None
+    if fmt in FOREIGN_FORMATS:
+        return foreign_paths(path, fmt)
+    return resolve_checkpoints(ckpt)
+
+
+def held_out_cache(trained: TrainConfig, data: Optional[DataConfig], cache_cfg: CacheConfig, device_setting: str,
+                   models: ModelPool) -> tuple[SiteConfig, ActivationCache]:
+    """The site (model, hook, data) an SAE trained with `trained` is evaluated at, and its held-out activations:
+    the training corpus's held-out split, or all of other text (`data`). A full cache is used when there is one,
+    else only the held-out split is built."""
+    site = SiteConfig(model=trained.model, data=_evaluation_data(data, trained.data), cache=cache_cfg,
+                      layer=trained.layer, hook=trained.hook, hook_out=trained.hook_out, device=device_setting,
+                      seed=trained.seed)
+    return site, activation_cache(site, trained.n_tokens, models, splits=("eval",))
 
 
 def _evaluation_data(data: Optional[DataConfig], trained: DataConfig) -> DataConfig:
@@ -399,14 +423,14 @@ def _evaluation_data(data: Optional[DataConfig], trained: DataConfig) -> DataCon
 
 
 def _evaluate_one(cfg: EvalConfig, ckpt: Path, device, models: ModelPool) -> tuple[pd.DataFrame, pd.DataFrame, object]:
-    sae, meta = load_sae(ckpt, device)
+    from saekit.formats import SiteOverrides, open_checkpoint
+
+    foreign_site = SiteOverrides(model=cfg.model, hook=cfg.hook, hook_out=cfg.hook_out, data=cfg.data)
+    sae, meta = open_checkpoint(ckpt, foreign_site, device)
     trained = _trained_config(meta, f"ckpt={ckpt}")
-    # The model and hook it was trained on; the data too unless eval names other data.
-    site = SiteConfig(model=trained.model, data=_evaluation_data(cfg.data, trained.data), cache=cfg.cache,
-                      layer=trained.layer, hook=trained.hook, hook_out=trained.hook_out, device=cfg.device,
-                      seed=trained.seed)
-    # Evaluation reads only the held-out split: a full cache is used when there is one, else only that split is built.
-    cache = activation_cache(site, trained.n_tokens, models, splits=("eval",))
+    # The model and hook it was trained on; the data too unless eval names other data (a foreign SAE's training
+    # record names the data given here, so its held-out split is read).
+    site, cache = held_out_cache(trained, cfg.data, cfg.cache, cfg.device, models)
     check_compatible(sae, cache, str(ckpt))
     model = None
     if cfg.downstream or cfg.ablation_positions > 0 or cfg.progressive_delta_ce:
@@ -417,22 +441,26 @@ def _evaluate_one(cfg: EvalConfig, ckpt: Path, device, models: ModelPool) -> tup
             model.check_hook(site.hook_name)
     evaluation = evaluate_checkpoint(sae, cache, cfg, device, model, site.hook_name, keep_first=excludes_bos(site.data))
     tokens = _trained_tokens(ckpt, meta, trained)
-    run = {"run_id": ckpt.parent.name, **run_facts(trained, cache.manifest["hook"], tokens)}
+    run = {"run_id": checkpoint_name(ckpt), **run_facts(trained, cache.manifest["hook"], tokens)}
     # finished sits with the context columns: the id columns before metric/value are the fixed SPEC 4 set.
     context = {"ckpt": str(ckpt), "eval_data": site.data.name, "finished": bool(meta.get("finished", True))}
+    if "imported" in meta:
+        context["format"] = meta["imported"]["format"]
     from saekit.data import evaluates_whole_corpus
 
     which = "metrics on all of the text" if evaluates_whole_corpus(site.data) else "held-out metrics"
-    print_summary(console, f"{which}: {ckpt.parent.name} ({cache.n_acts('eval'):,} tokens, {site.data.name})",
+    print_summary(console, f"{which}: {checkpoint_name(ckpt)} ({cache.n_acts('eval'):,} tokens, {site.data.name})",
                   run, evaluation.metrics)
     return result_frames(run, evaluation.metrics, evaluation.progressive + evaluation.prefixes, context), \
         latent_table(evaluation.stats), \
         evaluation.stats
 
 
-def _trained_tokens(ckpt: Path, meta: dict, trained: TrainConfig) -> int:
+def _trained_tokens(ckpt: Path, meta: dict, trained: TrainConfig) -> Optional[int]:
     """Tokens the checkpoint was actually trained on: its step × batch_size (a killed run's is short of n_tokens).
-    Checkpoints from before the step was recorded were always final."""
+    Checkpoints from before the step was recorded were always final; an imported SAE's file may say (None if not)."""
+    if "imported" in meta:
+        return meta.get("trained_tokens")
     step = int(meta.get("step", trained.n_steps))
     if not meta.get("finished", True):
         log.warning("ckpt=%s is unfinished: trained %d of %d steps (%s of %s tokens); evaluating it as it is (run the "

@@ -18,6 +18,10 @@ from torch import nn
 from saekit.sae.registry import LatentParam, VariantConfig, variant_config
 from saekit.sae.sparse import ChosenCodes, DeadSet, SparseCode, chunk_rows, decode_code, preact_values
 
+LN_STYLES = ("saekit", "openai")
+OPENAI_LN_EPS = 1e-5
+"""OpenAI's LN (and SAELens's layer_norm) add this to the sample std of x − mean."""
+
 DeadLatentsArg = Optional["torch.Tensor | DeadSet"]
 """What loss_terms takes for the dead latents: None, a (n,) bool mask, or a DeadSet (mask plus candidates)."""
 
@@ -43,10 +47,16 @@ class SAESpec:
     """Transcoders: width of the predicted activation (None: an SAE, which reconstructs its input)."""
     skip: bool = False
     """Transcoders: a linear skip path W_skip (d_out × d)."""
+    ln_style: str = "saekit"
+    """normalize='layer_norm' only: `saekit` divides x − mean by the population std (clamped at 1e-6); `openai`
+    divides by the sample std + 1e-5 and multiplies the output back by the sample std, as OpenAI's GPT-2 SAEs and
+    SAELens's `layer_norm` do (set when such a file is imported, so it keeps its own inference)."""
     variant: Optional[VariantConfig] = None
     """The variant's settings (None: its defaults)."""
 
     def __post_init__(self) -> None:
+        if self.ln_style not in LN_STYLES:
+            raise ValueError(f"SAESpec: ln_style={self.ln_style!r} is not one of {', '.join(LN_STYLES)}")
         if self.variant is None:
             self.variant = variant_config(self.activation)
         elif not isinstance(self.variant, VariantConfig):
@@ -419,6 +429,9 @@ class SparseAutoencoder(nn.Module):
         """Raw activations → what the SAE trains on; returns the state needed to undo it."""
         if self.spec.normalize == "layer_norm":
             mean = x.mean(dim=-1, keepdim=True)
+            if self.spec.ln_style == "openai":
+                std = (x - mean).std(dim=-1, keepdim=True)
+                return (x - mean) / (std + OPENAI_LN_EPS), (mean, std)
             std = x.std(dim=-1, keepdim=True, unbiased=False).clamp_min(1e-6)
             return (x - mean) / std, (mean, std)
         if self.spec.normalize == "scale":
