@@ -187,8 +187,9 @@ class InitConfig:
 
 # The held-out metrics `train` reports (its `objective` names one or several): always, with final_eval.downstream,
 # and with final_eval.refine_tokens.
-OBJECTIVE_METRICS = ("nmse", "mse", "explained_variance", "l0", "dead_frac", "dead_frac_train")
-DOWNSTREAM_METRICS = ("delta_ce", "loss_recovered", "kl", "ce_clean", "ce_spliced")
+OBJECTIVE_METRICS = ("nmse", "mse", "explained_variance", "l0", "dead_frac", "dead_frac_train", "cossim", "l2_ratio",
+                     "relative_reconstruction_bias", "l1", "frac_alive")
+DOWNSTREAM_METRICS = ("delta_ce", "loss_recovered", "kl", "ce_clean", "ce_spliced", "kl_div_score", "ce_loss_score")
 REFINE_METRICS = ("refine_ratio", "refine_mse_gain")
 
 
@@ -553,6 +554,8 @@ class EvalConfig:
     Empty: a Matryoshka SAE's own group boundaries, none for other SAEs."""
     refine_tokens: int = 4096
     """Shrinkage by refinement on this many held-out tokens; 0 turns it off."""
+    decoder_similarity: bool = True
+    """max_pairwise_decoder_cosine_sim and average_max_decoder_cosine_sim (n² · d work, in row chunks)."""
     refine_steps: int = 300
     """Projected-gradient steps of the refinement."""
     seed: int = 0

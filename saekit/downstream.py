@@ -61,6 +61,8 @@ class DownstreamTotals:
 
     positions: int = 0
     kl: float = 0.0
+    kl_zero: float = 0.0
+    """KL(clean ‖ zero-ablated): SAEBench's kl_div_score compares the splice's KL with it."""
 
     def __post_init__(self) -> None:
         self.ce = {name: 0.0 for name in VARIANTS}
@@ -71,7 +73,10 @@ class DownstreamTotals:
         return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero": ce["zero"], "ce_mean": ce["mean"],
                 "delta_ce": ce["spliced"] - ce["clean"],
                 "loss_recovered": loss_recovered(ce["clean"], ce["spliced"], ce["zero"]),
-                "kl": self.kl / count}
+                "kl": self.kl / count,
+                # SAEBench's scores (zero ablation as its baseline): ce_loss_score is loss_recovered under its name.
+                "kl_div_score": (self.kl_zero - self.kl) / self.kl_zero if self.kl_zero > 0 else float("nan"),
+                "ce_loss_score": loss_recovered(ce["clean"], ce["spliced"], ce["zero"])}
 
 
 def _variant_hook(splice: Splice, mean_act: torch.Tensor, batch: int, keep_first: bool,
@@ -155,6 +160,8 @@ def _score_variants(logits: torch.Tensor, stacked: torch.Tensor, batch: int, fir
             clean = log_probs[:, first_scored:-1]
         elif name == "spliced":
             totals.kl += float(kl_from_log_probs(clean, log_probs[:, first_scored:-1]).double().sum())
+        elif name == "zero":
+            totals.kl_zero += float(kl_from_log_probs(clean, log_probs[:, first_scored:-1]).double().sum())
     totals.positions += max(stacked.shape[1] - 1 - first_scored, 0) * batch
 
 

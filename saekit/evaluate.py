@@ -16,7 +16,7 @@ from saekit.cache import ActivationCache
 from saekit.config import EvalConfig
 from saekit.downstream import ablation_sparsity, downstream_metrics
 from saekit.errors import DataError
-from saekit.metrics import ReconstructionStats, row_chunks
+from saekit.metrics import ReconstructionStats, decoder_cosine_metrics, row_chunks
 from saekit.prefix import default_boundaries, prefix_metrics
 from saekit.refine import refinement_metrics
 from saekit.sae import SparseAutoencoder, swap_activation
@@ -133,6 +133,8 @@ def evaluate_checkpoint(sae: SparseAutoencoder, cache: ActivationCache, cfg: Eva
     is given), and progressive codes. Nothing is written here."""
     sae.eval()
     metrics, stats = evaluate_reconstruction(sae, cache, device, cfg.batch_size)
+    if cfg.decoder_similarity:
+        metrics.update(decoder_cosine_metrics(sae.W_dec.detach()))
     if cfg.refine_tokens > 0:
         x, y = cache.split(sae_input(sae, torch.cat(list(_first_rows(cache, cfg.refine_tokens))), device))
         metrics.update(refinement_metrics(sae, x, cfg.refine_steps, y))

@@ -47,6 +47,9 @@ def test_splicing_the_exact_activations_back_changes_nothing(model, windows):
     metrics = downstream_metrics(model, HOOK, windows, lambda acts: acts.clone(), mean, batch_windows=4)
     assert abs(metrics["delta_ce"]) < 1e-6 and abs(metrics["kl"]) < 1e-9
     assert metrics["loss_recovered"] == pytest.approx(1.0, abs=1e-6)
+    # SAEBench's scores against zero ablation: a perfect splice scores 1 on both.
+    assert metrics["kl_div_score"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["ce_loss_score"] == pytest.approx(1.0, abs=1e-6)
     assert 1.0 < metrics["ce_clean"] < 3.0  # stories260k is a real model: about 1.7-2 nats/token here
     assert metrics["ce_zero"] > metrics["ce_mean"] > metrics["ce_clean"]
 
@@ -55,6 +58,8 @@ def test_a_splice_as_bad_as_zero_ablation_recovers_nothing(model, windows):
     metrics = downstream_metrics(model, HOOK, windows, torch.zeros_like, torch.zeros(64), batch_windows=8)
     assert metrics["loss_recovered"] == pytest.approx(0.0, abs=1e-9)
     assert metrics["ce_spliced"] == pytest.approx(metrics["ce_zero"], abs=1e-9)
+    assert metrics["kl_div_score"] == pytest.approx(0.0, abs=1e-9) and metrics["ce_loss_score"] == pytest.approx(0.0, abs=1e-9)
+    assert metrics["kl"] > 0.1  # zero ablation moves the distribution, so the score's denominator is real
 
 
 def test_a_reconstruction_costs_loss_and_bos_scoring_changes_the_count(model, windows):
