@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 COMMANDS = {
     "train": ("train", "train an SAE (builds the activation cache on demand), evaluate it, write results.csv"),
-    "eval": ("eval", "recompute the metrics of a trained SAE: saekit eval ckpt=<run folder | sae.safetensors>"),
+    "eval": ("eval", "every metric of an SAE: saekit eval ckpt=<run folder | sae.safetensors | SAELens or sparsify "
+                     "folder | Gemma Scope .npz | OpenAI .pt>"),
     "cache": ("cache", "build or reuse the activation caches (layer=[0,1,...]: one model pass); cache verify <folder> re-hashes one"),
     "sweep": ("train", "a Hydra multirun of `train`, e.g. saekit sweep k=8,16,32"),
     "hooks": ("cache", "list the hook points of a model: saekit hooks model=stories260k"),

@@ -38,7 +38,7 @@ def inputs_file(run: Path, cache_dir: str, rows: int, target: Path) -> None:
     sae, meta = open_checkpoint(run, SiteOverrides())
     trained = _trained_config(meta)
     _, cache = held_out_cache(trained, None, CacheConfig(dir=cache_dir), "cpu", ModelPool(torch.device("cpu")))
-    x = next(cache.iter_split("eval", rows)).float()
+    x = cache.split(next(cache.iter_split("eval", rows)).float())[0]  # a transcoder's cache rows are [x | y]
     with torch.no_grad():
         x_hat, z = sae.reconstruct(x)
     save_file({"x": x.contiguous(), "z": z.contiguous(), "x_hat": x_hat.contiguous()}, str(target))

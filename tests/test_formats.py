@@ -519,3 +519,78 @@ def test_import_then_eval_equals_eval_of_the_foreign_file(tmp_path, jumprelu_run
     # Without a hook the file says nothing about, the import is refused in one line and writes nothing.
     result = run_cli("import", str(path), f"out={tmp_path / 'nohook'}", "model=stories260k", "data=tinystories")
     assert result.returncode == 2 and "hook=" in result.stderr and not (tmp_path / "nohook").exists()
+
+
+def test_hand_written_saelens_folders_read_as_documented(tmp_path, acts):
+    """SAELens folders written here from the documented layout (not by saekit's exporter): a standard SAE that does
+    not subtract b_dec from its input, and a JumpReLU with some negative thresholds (ReLU(h)·1[h > θ])."""
+    x = acts[HOOK]
+    rng = np.random.default_rng(5)
+    d, n = 64, 72
+    base = {"W_enc": rng.normal(0, 0.3, (d, n)), "b_enc": rng.normal(0, 0.5, n), "W_dec": rng.normal(0, 0.2, (n, d)),
+            "b_dec": rng.normal(0, 0.5, d)}
+    cases = {"standard": ({}, {"apply_b_dec_to_input": False}),
+             "jumprelu": ({"threshold": np.where(np.arange(n) % 5 == 0, -0.3, 0.4)}, {"apply_b_dec_to_input": True})}
+    for architecture, (extra, options) in cases.items():
+        folder = tmp_path / architecture
+        folder.mkdir()
+        tensors = {key: torch.tensor(value, dtype=torch.float32) for key, value in {**base, **extra}.items()}
+        save_file(tensors, str(folder / "sae_weights.safetensors"))
+        cfg = {"architecture": architecture, "d_in": d, "d_sae": n, "dtype": "float32", "device": "cpu",
+               "normalize_activations": "none", **options,
+               "metadata": {"sae_lens_version": "6.54.12", "model_name": "gpt2-small", "hook_name": HOOK,
+                            "context_size": 128, "prepend_bos": True, "dataset_path": "Skylion007/openwebtext"}}
+        (folder / "cfg.json").write_text(json.dumps(cfg))
+        z_ref, x_hat_ref = saelens_reference(folder, x)
+        imported = read_saelens(folder)
+        assert imported.provenance.model_name == "gpt2-small" and imported.provenance.dataset_path
+        z, x_hat = saekit_outputs(imported.sae, x)
+        assert 0 < (z_ref != 0).sum(1).mean() < n
+        assert_close(z, z_ref, f"hand-written {architecture} latents")
+        assert_close(x_hat, x_hat_ref, f"hand-written {architecture} reconstructions")
+
+
+def test_foreign_metadata_names_the_hub_model_and_dataset(tmp_path, acts):
+    """A SAELens file's transformer-lens model name maps to its Hub name; its dataset becomes data=hf."""
+    write_saelens(tmp_path, make_sae("topk", acts[HOOK]), {**SITE, "model_name": "gpt2-small",
+                                                             "dataset_path": "Skylion007/openwebtext"}, {}, None)
+    _, meta = open_checkpoint(tmp_path, SiteOverrides())
+    trained = meta["train_config"]
+    assert trained["model"]["name"] == "gpt2" and trained["model"]["display_name"] == "gpt2-small"
+    assert trained["data"]["source"] == "hf" and trained["data"]["hf_path"] == "Skylion007/openwebtext"
+    assert trained["data"]["ctx_len"] == 64 and trained["hook"] == HOOK and meta["imported"]["format"] == "saelens"
+
+
+@pytest.fixture(scope="module")
+def topk_run(tmp_path_factory, small_text, jumprelu_run) -> Path:
+    _, cache = jumprelu_run
+    run_dir = tmp_path_factory.mktemp("runs") / "topk"
+    result = run_cli("train", "activation=topk", "k=4", "n=64", "n_tokens=16384", "batch_size=1024",
+                     "data=text_files", f"data.paths=[{small_text}]", "data.ctx_len=32", "data.n_eval_tokens=2048",
+                     "final_eval.downstream=false", f"cache.dir={cache}", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_eval_of_a_sparsify_export_and_of_an_openai_file(tmp_path, topk_run, jumprelu_run, small_text):
+    _, cache = jumprelu_run
+    common = [f"cache.dir={cache}", "downstream=false", "ablation_positions=0", "refine_tokens=0"]
+    exported = tmp_path / "sparsify"
+    result = run_cli("export", f"ckpt={topk_run}", "format=sparsify", f"out={exported}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (exported / "layers.2").iterdir()) == ["cfg.json", "sae.safetensors"]
+    for name, ckpt in (("run", topk_run), ("sparsify", exported)):
+        result = run_cli("eval", f"ckpt={ckpt}", *common, f"hydra.run.dir={tmp_path / name}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    run, sparsify = _metrics(tmp_path / "run"), _metrics(tmp_path / "sparsify")
+    assert sparsify["nmse"] == pytest.approx(run["nmse"], rel=1e-5) and sparsify["l0"] == pytest.approx(run["l0"])
+    assert sparsify["cossim"] == pytest.approx(run["cossim"], rel=1e-6)
+    # An OpenAI state dict, evaluated directly with model, hook and data named on the command line.
+    path = tmp_path / "2.pt"
+    torch.save(openai_state_dict(64, 80, "TopK", k=12), path)
+    result = run_cli("eval", f"ckpt={path}", "model=stories260k", f"hook={HOOK}", "data=text_files",
+                     f"data.paths=[{small_text}]", "data.ctx_len=32", "data.n_eval_tokens=2048", *common,
+                     f"hydra.run.dir={tmp_path / 'openai'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = _metrics(tmp_path / "openai")
+    assert 6 < metrics["l0"] <= 12 and 0 < metrics["frac_alive"] <= 1

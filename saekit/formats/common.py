@@ -31,6 +31,10 @@ from saekit.sae import SAESpec, SparseAutoencoder, build_sae
 
 log = logging.getLogger(__name__)
 
+EXPORT_HEADER_KEY = "saekit_export"
+"""safetensors header key of an exported weights file: saekit's spec and training config as JSON, so saekit can read
+the folder back with the run's own model, hook and data (the other projects ignore it)."""
+
 
 @dataclass
 class RawAffine:
@@ -182,6 +186,26 @@ def checked_matrix(tensors: dict[str, torch.Tensor], name: str, shape: tuple, wh
     if not bool(torch.isfinite(tensor).all()):
         raise DataError(f"{where}: {name} holds NaN or infinite values; the file is damaged")
     return tensor.double()
+
+
+def read_weights(path: Path, where: str) -> tuple[dict[str, torch.Tensor], Optional[dict]]:
+    """(tensors, saekit's export record or None) of a safetensors weights file, one-line errors when damaged."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DataError(f"{where}: {path.name} is corrupt or truncated ({exc})") from exc
+    record = None
+    if EXPORT_HEADER_KEY in header:
+        try:
+            record = json.loads(header[EXPORT_HEADER_KEY])
+        except ValueError:
+            log.warning("%s: its saekit export record is not valid JSON; ignoring it", where)
+    return tensors, record if isinstance(record, dict) else None
 
 
 def read_json(path: Path, where: str) -> dict:

@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from saekit import __version__
 from saekit.errors import ConfigError, DataError
-from saekit.formats.common import (Imported, Provenance, RawAffine, checked_matrix, latent_scale, load_affine,
-                                   normalization_scale, positive_latent_scale, raw_affine, read_json)
+from saekit.formats.common import (EXPORT_HEADER_KEY, Imported, Provenance, RawAffine, checked_matrix, latent_scale,
+                                   load_affine, normalization_scale, positive_latent_scale, raw_affine, read_json,
+                                   read_weights)
 from saekit.sae import SparseAutoencoder
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,6 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
 SPARSITY_KEY = "sparsity"
 """SAELens stores log10 of each latent's firing rate under this name (log10(rate + 1e-10))."""
-SAEKIT_KEY = "saekit"
-"""Metadata key (of sae_weights.safetensors) holding saekit's own spec and training config, for round trips."""
 THRESHOLD_VARIANTS = ("jumprelu", "batchtopk", "matryoshka", "prolu")
 SAELENS_LAYOUT_VERSION = "6.0.0"
 
@@ -175,7 +173,7 @@ def write_saelens(folder: Path, sae: SparseAutoencoder, site: dict, saekit_meta:
     sparsity.safetensors, into an existing empty folder. Returns the cfg written."""
     architecture, tensors, extra_cfg = saelens_weights(sae)
     cfg = saelens_cfg(sae, architecture, extra_cfg, site)
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={SAEKIT_KEY: json.dumps(saekit_meta)})
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={EXPORT_HEADER_KEY: json.dumps(saekit_meta)})
     if density is not None:
         save_file({SPARSITY_KEY: torch.log10(density.double() + 1e-10).float().contiguous()},
                   str(folder / SPARSITY_FILE))
@@ -230,23 +228,11 @@ def _normalization(cfg: dict, where: str) -> tuple[str, str]:
                     f"expected_average_only_in and layer_norm)")
 
 
-def _load_weights(path: Path, where: str) -> tuple[dict[str, torch.Tensor], dict]:
-    try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise DataError(f"{where}: {path.name} is corrupt or truncated ({exc})") from exc
-    return tensors, header
-
-
 def read_saelens(folder: Path) -> Imported:
     """A SAELens folder as a saekit SAE with SAELens's inference (see the module docstring)."""
     where = f"ckpt={folder}"
     cfg = _flat_cfg(read_json(folder / CFG_FILE, where))
-    tensors, header = _load_weights(folder / WEIGHTS_FILE, where)
+    tensors, record = read_weights(folder / WEIGHTS_FILE, where)
     kind, transcoder, skip = _kind(cfg, where)
     if cfg.get("hook_head_index") is not None:
         raise DataError(f"{where}: hook_head_index={cfg['hook_head_index']} (one attention head) is not supported")
@@ -263,7 +249,7 @@ def read_saelens(folder: Path) -> Imported:
                     b_dec=checked_matrix(tensors, "b_dec", (d_out,), where), subtract_b_dec=subtract,
                     W_skip=checked_matrix(tensors, "W_skip", (d_out, d_in), where) if skip else None)
     sae = _saekit_sae(raw, kind, cfg, tensors, where, normalize, ln_style, transcoder)
-    return Imported(sae=sae, format="saelens", source=folder, provenance=_provenance(cfg, header))
+    return Imported(sae=sae, format="saelens", source=folder, provenance=_provenance(cfg, record))
 
 
 def _saekit_sae(raw: RawAffine, kind: str, cfg: dict, tensors: dict, where: str, normalize: str,
@@ -295,15 +281,9 @@ def _positive(cfg: dict, key: str, where: str) -> int:
     return value
 
 
-def _provenance(cfg: dict, header: dict) -> Provenance:
-    saekit = None
-    if SAEKIT_KEY in header:
-        try:
-            saekit = json.loads(header[SAEKIT_KEY])
-        except ValueError:
-            log.warning("the file's saekit metadata is not valid JSON; ignoring it")
+def _provenance(cfg: dict, record: Optional[dict]) -> Provenance:
     tokens = cfg.get("training_tokens")
     return Provenance(model_name=cfg.get("model_name"), hook=cfg.get("hook_name"), hook_out=cfg.get("hook_name_out"),
                       context_size=cfg.get("context_size"), prepend_bos=cfg.get("prepend_bos"),
                       dataset_path=cfg.get("dataset_path"),
-                      training_tokens=tokens if isinstance(tokens, int) else None, saekit=saekit)
+                      training_tokens=tokens if isinstance(tokens, int) else None, saekit=record)

@@ -22,16 +22,15 @@ from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from saekit.errors import ConfigError, DataError
-from saekit.formats.common import (Imported, Provenance, RawAffine, checked_matrix, latent_scale, load_affine,
-                                   raw_affine, read_json)
+from saekit.formats.common import (EXPORT_HEADER_KEY, Imported, Provenance, RawAffine, checked_matrix, latent_scale,
+                                   load_affine, raw_affine, read_json, read_weights)
 from saekit.sae import SparseAutoencoder
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
-SAEKIT_KEY = "saekit"
 
 _BLOCK_PREFIX = {"gpt2": "h"}
 """Hugging Face module name of a block by model_type (the rest, Llama, GPT-NeoX, Gemma, Qwen, use `layers`)."""
@@ -48,7 +47,8 @@ def is_sparsify_folder(path: Path) -> bool:
 
 
 def _has_saekit_header(path: Path) -> bool:
-    """saekit's own checkpoints are also called sae.safetensors; theirs carry a `saekit` header with a spec."""
+    """saekit's own checkpoints are also called sae.safetensors; theirs carry a `saekit` header with a spec (an
+    export's header is `saekit_export`)."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = (handle.metadata() or {}).get("saekit")
@@ -114,7 +114,7 @@ def write_sparsify(folder: Path, hookpoint: str, sae: SparseAutoencoder, saekit_
     tensors, cfg = sparsify_weights(sae)
     hook_dir = folder / hookpoint
     hook_dir.mkdir(parents=True)
-    save_file(tensors, str(hook_dir / WEIGHTS_FILE), metadata={SAEKIT_KEY: json.dumps({"export": saekit_meta})})
+    save_file(tensors, str(hook_dir / WEIGHTS_FILE), metadata={EXPORT_HEADER_KEY: json.dumps(saekit_meta)})
     (hook_dir / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
     return hook_dir
 
@@ -124,20 +124,15 @@ def read_sparsify(folder: Path) -> Imported:
     """One sparsify hook folder as a saekit TopK (or Multi-TopK) SAE with sparsify's inference."""
     where = f"ckpt={folder}"
     cfg = read_json(folder / CFG_FILE, where)
-    try:
-        tensors = load_file(str(folder / WEIGHTS_FILE))
-        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as handle:
-            header = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise DataError(f"{where}: {WEIGHTS_FILE} is corrupt or truncated ({exc})") from exc
+    tensors, record = read_weights(folder / WEIGHTS_FILE, where)
     activation = cfg.get("activation", "topk")
     if activation != "topk":
         raise DataError(f"{where}: activation={activation!r}: saekit reads sparsify's topk SAEs only")
     k = cfg.get("k")
     if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
         raise DataError(f"{where}: cfg.json has k={k!r}; it must be a positive integer")
-    if "encoder.weight" not in tensors:
-        raise DataError(f"{where}: {WEIGHTS_FILE} has no encoder.weight; is it a sparsify SAE?")
+    if "encoder.weight" not in tensors or tensors["encoder.weight"].dim() != 2:
+        raise DataError(f"{where}: {WEIGHTS_FILE} has no 2-d encoder.weight; is it a sparsify SAE?")
     n, d_in = tensors["encoder.weight"].shape
     d_out = tensors["W_dec"].shape[1] if "W_dec" in tensors and tensors["W_dec"].dim() == 2 else d_in
     transcode = bool(cfg.get("transcode", False))
@@ -152,11 +147,5 @@ def read_sparsify(folder: Path) -> Imported:
     activation_name = "multi_topk" if cfg.get("multi_topk") else "topk"
     # sparsify ranks ReLU(pre) (topk_on=relu); on inference the kept values equal TopK-then-ReLU's.
     sae = load_affine(raw, activation_name, transcoder=transcode, k=k, variant={"topk_on": "relu"})
-    saekit = None
-    if SAEKIT_KEY in header:
-        try:
-            saekit = json.loads(header[SAEKIT_KEY]).get("export")
-        except (ValueError, AttributeError):
-            saekit = None
     return Imported(sae=sae, format="sparsify", source=folder,
-                    provenance=Provenance(hook=hook_of(folder.name), saekit=saekit))
+                    provenance=Provenance(hook=hook_of(folder.name), saekit=record))
