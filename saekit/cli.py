@@ -26,6 +26,7 @@ COMMANDS = {
     "sweep": ("train", "a Hydra multirun of `train`, e.g. saekit sweep k=8,16,32"),
     "hooks": ("cache", "list the hook points of a model: saekit hooks model=stories260k"),
     "report": ("", "Pareto plots, progressive-code curves, a power-law fit and report.md: saekit report <sweep folder>"),
+    "inspect": ("inspect", "a static dashboard of an SAE's latents (or format=json): saekit inspect ckpt=<run folder>"),
     "export": ("export", "write an SAE as a SAELens or sparsify folder: saekit export ckpt=<run> format=saelens out=<folder>"),
     "import": ("import", "a SAELens/sparsify folder, Gemma Scope .npz or OpenAI .pt as a saekit checkpoint: "
                          "saekit import <file or folder> out=<folder>"),
@@ -635,8 +636,10 @@ def _launch(command: str, source: ConfigSource, flags: list[str], overrides: lis
     from saekit import tasks
     from saekit.sweep import last_sweep
 
+    from saekit.inspect.run import inspect
+
     task = {"train": tasks.train, "sweep": tasks.train, "eval": tasks.evaluate, "cache": tasks.cache,
-            "hooks": tasks.hooks}[command]
+            "hooks": tasks.hooks, "inspect": inspect}[command]
     # Hydra's parser wants its flags before the overrides.
     hydra_argv = [f"saekit-{command}", *(["--multirun"] if multirun else []), *flags, f"hydra.job.name={command}",
                   *source.search_path(for_compose=False), *overrides]

@@ -646,3 +646,6 @@ def register_schemas() -> None:
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="import_schema", node=ImportConfig)
+    from saekit.inspect.config import InspectConfig  # beside its command's code; it imports this module
+
+    cs.store(name="inspect_schema", node=InspectConfig)

@@ -6,6 +6,8 @@ x, x_hat: (B, d) activations in the model's own space; z: (B, n) latents. Stream
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 CORE_METRICS = ("mse", "nmse", "explained_variance", "l0", "dead_frac")
@@ -134,12 +136,13 @@ class ReconstructionStats:
 
 
 @torch.no_grad()
-def decoder_cosine_metrics(W_dec: torch.Tensor, rows_per_chunk: int = 4096) -> dict[str, float]:
+def decoder_cosine_metrics(W_dec: torch.Tensor, rows_per_chunk: Optional[int] = None) -> dict[str, float]:
     """max_pairwise_decoder_cosine_sim: the largest cosine similarity between two distinct latents' decoder
     directions; average_max_decoder_cosine_sim: each latent's largest cosine with another, averaged (SAEBench's
     name and definition; signed cosines, as SAEBench). W_dec: (n, d) rows; in row chunks, never an n × n matrix."""
     unit = W_dec.float() / W_dec.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
     n = unit.shape[0]
+    rows_per_chunk = rows_per_chunk or max(1, LATENT_CHUNK // n)  # blocks no larger than evaluation's latent chunks
     if n < 2:
         return {"max_pairwise_decoder_cosine_sim": float("nan"), "average_max_decoder_cosine_sim": float("nan")}
     best = torch.empty(n, device=unit.device)

@@ -150,11 +150,29 @@ def write_report(folder: Path) -> Path:
     shown = [c for c in ("run_id", "activation", "k", "lam", "n", "l0", "nmse", "delta_ce", "loss_recovered",
                          "dead_frac", "refine_ratio") if c in runs]
     lines += ["## Runs", "", _markdown_table(runs[shown].sort_values(["activation", "l0"])), ""]
+    lines += _dashboard_section(folder, list(runs["run_id"]))
     path = folder / "report.md"
     tmp = folder / ".report.md.tmp"
     tmp.write_text("\n".join(lines))
     os.replace(tmp, path)
     return path
+
+
+INSPECT_FOLDER = "inspect"
+"""Where the report looks for a run's latent dashboard: <sweep>/<run>/inspect/index.html."""
+
+
+def _dashboard_section(folder: Path, run_ids: list[str]) -> list[str]:
+    """Links to the runs' `saekit inspect` dashboards, and the command that makes one for the others."""
+    lines = ["## Latent dashboards", ""]
+    made = [run for run in run_ids if (folder / run / INSPECT_FOLDER / "index.html").is_file()]
+    lines += [f"- [{run}]({run}/{INSPECT_FOLDER}/index.html)" for run in made]
+    if len(made) < len(run_ids):
+        example = next(run for run in run_ids if run not in made)
+        lines += ["", f"{len(run_ids) - len(made)} run(s) have none yet; for each, e.g. `saekit inspect "
+                      f"ckpt={folder / example} hydra.run.dir={folder / example / INSPECT_FOLDER}` (then rerun "
+                      f"`saekit report` to link it)."]
+    return lines + [""]
 
 
 def _fit_section(runs: pd.DataFrame) -> list[str]:

@@ -69,6 +69,16 @@ def test_report_writes_plots_fit_and_markdown(tmp_path):
     assert "- topk, k=8: a = " in report and "(3 runs, n = 256, 512, 1024)" in report
 
 
+def test_report_links_the_runs_latent_dashboards(tmp_path):
+    _fake_sweep(tmp_path)
+    (tmp_path / "topk-512-None" / "inspect").mkdir(parents=True)
+    (tmp_path / "topk-512-None" / "inspect" / "index.html").write_text("<html></html>")
+    report = write_report(tmp_path).read_text()
+    assert "- [topk-512-None](topk-512-None/inspect/index.html)" in report
+    assert "- [topk-256-None]" not in report  # no dashboard there: only the command to make one
+    assert "3 run(s) have none yet" in report and "saekit inspect ckpt=" in report
+
+
 def test_report_cli_errors_are_one_line(tmp_path):
     result = run_cli("report", str(tmp_path / "missing"))
     assert result.returncode == 2 and "is not a folder" in result.stderr
