@@ -290,3 +290,20 @@ def test_conf_inspect_yaml_composes_into_the_schema(overrides, latents):
     assert isinstance(built, InspectConfig) and isinstance(built.inspect, InspectSettings)
     assert built.inspect.latents == latents and built.format == "json" and built.data.name == "tinystories"
     assert built.inspect == dataclasses.replace(InspectSettings(), latents=latents)  # the YAML's values are the defaults
+
+
+def test_the_inspect_command(tmp_path, sae_run):
+    """`saekit inspect` through the CLI: the site in the run folder, format=json, a bad setting refused in one
+    line before any folder is made."""
+    from conftest import run_cli
+
+    result = run_cli("inspect", f"ckpt={sae_run}", "inspect.tokens=2048", f"hydra.run.dir={tmp_path / 'site'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {"index.html", "latent.html", "data"} <= {p.name for p in (tmp_path / "site").iterdir()}
+    result = run_cli("inspect", f"ckpt={sae_run}", "format=json", "inspect.tokens=2048",
+                     f"hydra.run.dir={tmp_path / 'json'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "json" / "inspect.json").read_text())["n"] == 64
+    result = run_cli("inspect", f"ckpt={sae_run}", "inspect.contexts=0", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert result.returncode == 2 and "inspect.contexts=0" in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
