@@ -513,20 +513,28 @@ class CacheCommandConfig(SiteConfig):
 
 
 @dataclass
-class EvalConfig:
-    """`saekit eval`: every SPEC 4 metric of a trained SAE (or of every run in a sweep folder) on held-out tokens."""
+class ForeignSite:
+    """Settings of the commands that read any SAE file (eval, inspect, export, import): the text, and where another
+    project's SAE file (SAELens, sparsify, Gemma Scope, OpenAI) reads when the file does not say. A saekit
+    checkpoint records its model and hooks, and refuses model=/hook=/hook_out=."""
 
-    ckpt: str = MISSING
-    """A run folder, a checkpoint file (`sae.safetensors`) or a sweep folder (every run below it); or another
-    project's SAE: a SAELens folder, a sparsify folder, a Gemma Scope params.npz, an OpenAI GPT-2 SAE .pt."""
     data: Optional[DataConfig] = None
-    """Evaluation data; None reuses the training run's data (its held-out split)."""
+    """The text; None: a saekit checkpoint's training data (its held-out split), or the data a foreign file names."""
     model: Optional[ModelConfig] = None
     """Foreign SAE files only: the model (model=<option>), when the file does not name it."""
     hook: Optional[str] = None
     """Foreign SAE files only: the hook the SAE reads, when the file does not name it."""
     hook_out: Optional[str] = None
     """Foreign transcoder files only: the hook it predicts, when the file does not name it."""
+
+
+@dataclass
+class EvalConfig(ForeignSite):
+    """`saekit eval`: every SPEC 4 metric of a trained SAE (or of every run in a sweep folder) on held-out tokens."""
+
+    ckpt: str = MISSING
+    """A run folder, a checkpoint file (`sae.safetensors`) or a sweep folder (every run below it); or another
+    project's SAE: a SAELens folder, a sparsify folder, a Gemma Scope params.npz, an OpenAI GPT-2 SAE .pt."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     device: str = "auto"
     batch_size: int = 8192
@@ -580,7 +588,7 @@ EXPORT_FORMATS = ("saelens", "sparsify")
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(ForeignSite):
     """`saekit export ckpt=<run> format=saelens|sparsify out=<folder>`: the SAE in another project's layout."""
 
     ckpt: str = MISSING
@@ -595,11 +603,6 @@ class ExportConfig:
     """saelens: write sparsity.safetensors, the held-out firing rates (reads the run's held-out activations)."""
     hookpoint: Optional[str] = None
     """sparsify: the hook folder's name; None derives it (`layers.3`, or `h.3` for GPT-2) from the hook."""
-    model: Optional[ModelConfig] = None
-    """Foreign input files only, as for `saekit eval`."""
-    hook: Optional[str] = None
-    hook_out: Optional[str] = None
-    data: Optional[DataConfig] = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     device: str = "auto"
     batch_size: int = 8192
@@ -614,7 +617,7 @@ class ExportConfig:
 
 
 @dataclass
-class ImportConfig:
+class ImportConfig(ForeignSite):
     """`saekit import <file or folder> out=<folder>`: another project's SAE as a saekit checkpoint."""
 
     src: str = MISSING
@@ -623,13 +626,6 @@ class ImportConfig:
     out: str = MISSING
     """The folder to write `sae.safetensors` into (one subfolder per hook for a sparsify run folder)."""
     overwrite: bool = False
-    model: Optional[ModelConfig] = None
-    """The model, when the file does not name it (model=<option>)."""
-    hook: Optional[str] = None
-    """The hook, when the file does not name it."""
-    hook_out: Optional[str] = None
-    data: Optional[DataConfig] = None
-    """The text `saekit eval` of the imported checkpoint reads, when the file does not name its dataset."""
 
 
 def register_schemas() -> None:

@@ -425,7 +425,7 @@ def _evaluation_data(data: Optional[DataConfig], trained: DataConfig) -> DataCon
 def _evaluate_one(cfg: EvalConfig, ckpt: Path, device, models: ModelPool) -> tuple[pd.DataFrame, pd.DataFrame, object]:
     from saekit.formats import SiteOverrides, open_checkpoint
 
-    foreign_site = SiteOverrides(model=cfg.model, hook=cfg.hook, hook_out=cfg.hook_out, data=cfg.data)
+    foreign_site = SiteOverrides.of(cfg)
     sae, meta = open_checkpoint(ckpt, foreign_site, device)
     trained = _trained_config(meta, f"ckpt={ckpt}")
     # The model and hook it was trained on; the data too unless eval names other data (a foreign SAE's training

@@ -88,8 +88,10 @@ class SiteOverrides:
     data: Optional[object] = None
     """A DataConfig (data=<option>)."""
 
-    def any(self) -> bool:
-        return any(value is not None for value in dataclasses.asdict(self).values())
+    @classmethod
+    def of(cls, cfg) -> "SiteOverrides":
+        """From a command's settings (saekit.config.ForeignSite)."""
+        return cls(model=cfg.model, hook=cfg.hook, hook_out=cfg.hook_out, data=cfg.data)
 
 
 def imported_meta(imported: Imported, site: SiteOverrides) -> dict:

@@ -38,7 +38,7 @@ def export(cfg: ExportConfig) -> Path:
     if len(checkpoints) != 1:
         raise ConfigError(f"ckpt={cfg.ckpt} holds {len(checkpoints)} SAEs; export one run folder at a time")
     ckpt, device = checkpoints[0], resolve_device(cfg.device)
-    site = SiteOverrides(model=cfg.model, hook=cfg.hook, hook_out=cfg.hook_out, data=cfg.data)
+    site = SiteOverrides.of(cfg)
     sae, meta = open_checkpoint(ckpt, site, device)
     trained = _trained_config(meta, f"ckpt={ckpt}")
     saekit_meta = {"spec": meta["spec"], "train_config": meta["train_config"], "source": str(ckpt),
@@ -109,7 +109,7 @@ def import_sae(cfg: ImportConfig) -> list[Path]:
     if len(paths) > 1 and (cfg.hook is not None or cfg.hook_out is not None):
         raise ConfigError(f"src={cfg.src} holds {len(paths)} hooks, each named by its folder; drop hook= (or import "
                           f"one hook folder)")
-    site = SiteOverrides(model=cfg.model, hook=cfg.hook, hook_out=cfg.hook_out, data=cfg.data)
+    site = SiteOverrides.of(cfg)
     items = []
     for path in paths:
         imported = read_foreign(path, fmt)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING
 
-from saekit.config import DEVICES, DataConfig, ModelConfig
+from saekit.config import DEVICES, ForeignSite
 from saekit.errors import ConfigError, check_choice, require
 
 FORMATS = ("html", "json")
@@ -83,18 +83,11 @@ def _latent_selection(value: Any) -> Any:
 
 
 @dataclass
-class InspectConfig:
+class InspectConfig(ForeignSite):
     """`saekit inspect`: a static dashboard (format=html) or Neuronpedia-style JSON (format=json) of one SAE."""
 
     ckpt: str = MISSING
     """A run folder or a checkpoint file (`sae.safetensors`), or any foreign SAE file `saekit eval` reads."""
-    data: Optional[DataConfig] = None
-    """Text to inspect on; None: the training run's data (its held-out split)."""
-    model: Optional[ModelConfig] = None
-    """Foreign SAE files only: the model, when the file does not name it (as for `saekit eval`)."""
-    hook: Optional[str] = None
-    """Foreign SAE files only: the hook, when the file does not name it."""
-    hook_out: Optional[str] = None
     device: str = "auto"
     format: str = "html"
     """`html`: index.html, latent.html and data/ in the run folder; `json`: features/*.json (docs/inspect.md)."""

@@ -38,8 +38,7 @@ def inspect(cfg: InspectConfig, run_dir: Path) -> None:
     require(len(checkpoints) == 1, f"ckpt={cfg.ckpt} holds {len(checkpoints)} SAEs; inspect one run at a time",
             DataError)
     ckpt = checkpoints[0]
-    sae, meta = open_checkpoint(ckpt, SiteOverrides(model=cfg.model, hook=cfg.hook, hook_out=cfg.hook_out,
-                                                    data=cfg.data), device)
+    sae, meta = open_checkpoint(ckpt, SiteOverrides.of(cfg), device)
 
     trained = _trained_config(meta, f"ckpt={ckpt}")
     settings = cfg.inspect
