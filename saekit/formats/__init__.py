@@ -118,7 +118,7 @@ def imported_meta(imported: Imported, site: SiteOverrides) -> dict:
         data = dataclasses.replace(data, prepend_bos=bool(imported.provenance.prepend_bos))
     config = TrainConfig(model=model, data=data, hook=hook, hook_out=hook_out if spec.d_out is not None else None,
                          activation=spec.variant, dead=_no_dead(), optimizer=_optimizer(), n=spec.n,
-                         k=min(spec.k, spec.n), lam=spec.lam, skip=spec.skip)
+                         k=min(spec.k, spec.n), lam=trained.lam if trained else spec.lam, skip=spec.skip)
     return {"spec": spec.to_dict(), "train_config": dataclasses.asdict(config), "finished": True,
             "imported": imported.describe(), "trained_tokens": _trained_tokens(imported, trained)}
 
