@@ -20,7 +20,7 @@ demo:  ## train a TopK SAE on stories260k (blocks.2.hook_resid_post), then re-ev
 	$(BIN)/saekit train activation=topk k=8 n=512 data.ctx_len=64 hydra.run.dir=outputs/demo/topk
 	$(BIN)/saekit eval ckpt=outputs/demo/topk hydra.run.dir=outputs/demo/topk_eval
 
-test:  ## the fast offline test suite, a test file per core (about 11 minutes on 2 cores)
+test:  ## the fast offline test suite, a test file per core (14–17 minutes on 2 cores)
 	$(BIN)/pytest -m "not slow and not gpu and not distributed and not slurm" -q -n 2 --dist loadfile
 
 test-cluster:  ## multi-process tests: real gloo process groups (2-4 ranks) and a local SLURM cluster (root; about 4 minutes)
