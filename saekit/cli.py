@@ -636,10 +636,10 @@ def _launch(command: str, source: ConfigSource, flags: list[str], overrides: lis
     from saekit import tasks
     from saekit.sweep import last_sweep
 
-    from saekit.inspect.run import inspect
-
     task = {"train": tasks.train, "sweep": tasks.train, "eval": tasks.evaluate, "cache": tasks.cache,
-            "hooks": tasks.hooks, "inspect": inspect}[command]
+            "hooks": tasks.hooks}.get(command)
+    if command == "inspect":  # its modules load only for its own runs
+        from saekit.inspect.run import inspect as task
     # Hydra's parser wants its flags before the overrides.
     hydra_argv = [f"saekit-{command}", *(["--multirun"] if multirun else []), *flags, f"hydra.job.name={command}",
                   *source.search_path(for_compose=False), *overrides]
@@ -780,12 +780,11 @@ def _run_plain_command(command: str, checked: Any) -> None:
     """hooks prints; export and import write only the folder named by out= (no run folder, no log file)."""
     from saekit import tasks
 
+    absolutize_paths(checked)
     if command == "hooks":
-        absolutize_paths(checked)
         return _run_plain(tasks.hooks, checked, Path("."))
     from saekit.formats.run import export, import_sae
 
-    absolutize_paths(checked)
     _run_plain(export if command == "export" else import_sae, checked)
 
 

@@ -401,6 +401,14 @@ def eval_checkpoints(ckpt: str) -> list[Path]:
     return resolve_checkpoints(ckpt)
 
 
+def single_checkpoint(ckpt: str, command: str) -> Path:
+    """The one SAE a command that reads one (export, inspect) is given; DataError when `ckpt` holds several."""
+    checkpoints = eval_checkpoints(ckpt)
+    require(len(checkpoints) == 1, f"ckpt={ckpt} holds {len(checkpoints)} SAEs; {command} one run at a time",
+            DataError)
+    return checkpoints[0]
+
+
 def held_out_cache(trained: TrainConfig, data: Optional[DataConfig], cache_cfg: CacheConfig, device_setting: str,
                    models: ModelPool) -> tuple[SiteConfig, ActivationCache]:
     """The site (model, hook, data) an SAE trained with `trained` is evaluated at, and its held-out activations:
@@ -423,10 +431,9 @@ def _evaluation_data(data: Optional[DataConfig], trained: DataConfig) -> DataCon
 
 
 def _evaluate_one(cfg: EvalConfig, ckpt: Path, device, models: ModelPool) -> tuple[pd.DataFrame, pd.DataFrame, object]:
-    from saekit.formats import SiteOverrides, open_checkpoint
+    from saekit.formats import open_checkpoint
 
-    foreign_site = SiteOverrides.of(cfg)
-    sae, meta = open_checkpoint(ckpt, foreign_site, device)
+    sae, meta = open_checkpoint(ckpt, cfg, device)
     trained = _trained_config(meta, f"ckpt={ckpt}")
     # The model and hook it was trained on; the data too unless eval names other data (a foreign SAE's training
     # record names the data given here, so its held-out split is read).

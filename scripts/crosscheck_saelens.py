@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import save_file
 
 from saekit.checkpoint import resolve_checkpoints
-from saekit.config import CacheConfig, ExportConfig
-from saekit.formats import SiteOverrides, open_checkpoint
+from saekit.config import CacheConfig, ExportConfig, ForeignSite
+from saekit.formats import open_checkpoint
 from saekit.formats.run import export
 from saekit.tasks import ModelPool, _trained_config, held_out_cache
 
@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 
 def inputs_file(run: Path, cache_dir: str, rows: int, target: Path) -> None:
     """x (rows of the held-out split), z and x̂ as saekit computes them, for check_saelens.py."""
-    sae, meta = open_checkpoint(run, SiteOverrides())
+    sae, meta = open_checkpoint(run, ForeignSite())
     trained = _trained_config(meta)
     _, cache = held_out_cache(trained, None, CacheConfig(dir=cache_dir), "cpu", ModelPool(torch.device("cpu")))
     x = cache.split(next(cache.iter_split("eval", rows)).float())[0]  # a transcoder's cache rows are [x | y]

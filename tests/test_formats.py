@@ -20,9 +20,9 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import save_file
 
 from conftest import DATA_ROOT, MODEL_DIR, run_cli
-from saekit.config import ModelConfig
+from saekit.config import ForeignSite, ModelConfig
 from saekit.errors import ConfigError, DataError
-from saekit.formats import SiteOverrides, detect_format, open_checkpoint
+from saekit.formats import detect_format, open_checkpoint
 from saekit.formats.gemmascope import read_gemmascope
 from saekit.formats.openai import read_openai
 from saekit.formats.saelens import read_saelens, write_saelens
@@ -433,9 +433,9 @@ def test_foreign_file_without_hook_needs_hook_override(tmp_path):
     path = tmp_path / "8.pt"
     torch.save(openai_state_dict(64, 80, "TopK", k=12), path)
     with pytest.raises(DataError, match="hook="):
-        open_checkpoint(path, SiteOverrides(model=ModelConfig(name=str(MODEL_DIR))))
+        open_checkpoint(path, ForeignSite(model=ModelConfig(name=str(MODEL_DIR))))
     with pytest.raises(DataError, match="model="):
-        open_checkpoint(path, SiteOverrides(hook=HOOK))
+        open_checkpoint(path, ForeignSite(hook=HOOK))
 
 
 # ---- the commands ---------------------------------------------------------------------------------------------
@@ -554,7 +554,7 @@ def test_foreign_metadata_names_the_hub_model_and_dataset(tmp_path, acts):
     """A SAELens file's transformer-lens model name maps to its Hub name; its dataset becomes data=hf."""
     write_saelens(tmp_path, make_sae("topk", acts[HOOK]), {**SITE, "model_name": "gpt2-small",
                                                              "dataset_path": "Skylion007/openwebtext"}, {}, None)
-    _, meta = open_checkpoint(tmp_path, SiteOverrides())
+    _, meta = open_checkpoint(tmp_path, ForeignSite())
     trained = meta["train_config"]
     assert trained["model"]["name"] == "gpt2" and trained["model"]["display_name"] == "gpt2-small"
     assert trained["data"]["source"] == "hf" and trained["data"]["hf_path"] == "Skylion007/openwebtext"

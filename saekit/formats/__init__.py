@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from saekit.checkpoint import SAE_FILE, load_sae, read_metadata
+from saekit.checkpoint import SAE_FILE, load_sae
+from saekit.config import DataConfig, DeadConfig, ForeignSite, ModelConfig, OptimizerConfig, TrainConfig
 from saekit.errors import ConfigError, DataError
 from saekit.formats.common import Imported
 from saekit.formats.gemmascope import read_gemmascope
@@ -77,33 +78,14 @@ def checkpoint_name(path: Path) -> str:
 
 
 # ---- the training record an imported SAE is evaluated with ---------------------------------------------------------
-@dataclasses.dataclass
-class SiteOverrides:
-    """What the command line says about where a foreign SAE reads (None: take it from the file)."""
-
-    model: Optional[object] = None
-    """A ModelConfig (model=<option>)."""
-    hook: Optional[str] = None
-    hook_out: Optional[str] = None
-    data: Optional[object] = None
-    """A DataConfig (data=<option>)."""
-
-    @classmethod
-    def of(cls, cfg) -> "SiteOverrides":
-        """From a command's settings (saekit.config.ForeignSite)."""
-        return cls(model=cfg.model, hook=cfg.hook, hook_out=cfg.hook_out, data=cfg.data)
-
-
-def imported_meta(imported: Imported, site: SiteOverrides) -> dict:
+def imported_meta(imported: Imported, site: ForeignSite) -> dict:
     """Checkpoint metadata for an imported SAE, as `saekit train` would have written it: its spec, and a training
     config naming the model, hook and data (the command line's, else saekit's own record for a file saekit
     exported, else the file's metadata). Raises a one-line DataError naming the missing setting."""
-    from saekit.config import ModelConfig, TrainConfig
-
     saved = (imported.provenance.saekit or {}).get("train_config")
     trained = _saved_train_config(saved) if isinstance(saved, dict) else None
     where = f"ckpt={imported.source}"
-    model = site.model or (trained.model if trained else _model_of(imported, where, ModelConfig))
+    model = site.model or (trained.model if trained else _model_of(imported, where))
     hook = site.hook or (trained.hook_name if trained else imported.provenance.hook)
     if hook is None:
         raise DataError(f"{where}: the {imported.format} file does not name its hook; pass hook=<name> (e.g. "
@@ -117,7 +99,7 @@ def imported_meta(imported: Imported, site: SiteOverrides) -> dict:
     if imported.provenance.prepend_bos is not None and site.data is None and trained is None:
         data = dataclasses.replace(data, prepend_bos=bool(imported.provenance.prepend_bos))
     config = TrainConfig(model=model, data=data, hook=hook, hook_out=hook_out if spec.d_out is not None else None,
-                         activation=spec.variant, dead=_no_dead(), optimizer=_optimizer(), n=spec.n,
+                         activation=spec.variant, dead=DeadConfig(method="none"), optimizer=OptimizerConfig(), n=spec.n,
                          k=min(spec.k, spec.n), lam=trained.lam if trained else spec.lam, skip=spec.skip)
     return {"spec": spec.to_dict(), "train_config": dataclasses.asdict(config), "finished": True,
             "imported": imported.describe(), "trained_tokens": _trained_tokens(imported, trained)}
@@ -140,7 +122,7 @@ def _saved_train_config(saved: dict):
         return None
 
 
-def _model_of(imported: Imported, where: str, model_config: type):
+def _model_of(imported: Imported, where: str) -> ModelConfig:
     """The model a file names (SAELens's transformer-lens names such as gpt2-small map to Hub names)."""
     name = imported.provenance.model_name
     if not name:
@@ -152,13 +134,11 @@ def _model_of(imported: Imported, where: str, model_config: type):
         official = get_official_model_name(name)
     except (ImportError, ValueError):
         official = name
-    return model_config(name=official, display_name=name)
+    return ModelConfig(name=official, display_name=name)
 
 
-def _data_of(imported: Imported, where: str):
+def _data_of(imported: Imported, where: str) -> DataConfig:
     """The file's training dataset as saekit's `hf` data source; else the user must name some text."""
-    from saekit.config import DataConfig
-
     path = imported.provenance.dataset_path
     if not path:
         raise DataError(f"{where}: the {imported.format} file does not name its text; pass data=<option> (e.g. "
@@ -168,22 +148,11 @@ def _data_of(imported: Imported, where: str):
                       ctx_len=context if isinstance(context, int) and context >= 2 else 128)
 
 
-def _no_dead():
-    from saekit.config import DeadConfig
-
-    return DeadConfig(method="none")
-
-
-def _optimizer():
-    from saekit.config import OptimizerConfig
-
-    return OptimizerConfig()
-
-
 # ---- opening any checkpoint ---------------------------------------------------------------------------------------
-def open_checkpoint(path: Path, site: SiteOverrides, device: torch.device | str = "cpu"
+def open_checkpoint(path: Path, site: ForeignSite, device: torch.device | str = "cpu"
                     ) -> tuple[SparseAutoencoder, dict]:
-    """A saekit checkpoint, or a foreign file read as one: (SAE on `device`, eval mode; its metadata)."""
+    """A saekit checkpoint, or a foreign file read as one: (SAE on `device`, eval mode; its metadata). `site`: the
+    command's settings (any ForeignSite) naming what a foreign file does not."""
     fmt = detect_format(path)
     if fmt is None:
         raise DataError(f"ckpt={path}: not a saekit run folder or checkpoint, nor a SAELens or sparsify folder, "
@@ -192,8 +161,6 @@ def open_checkpoint(path: Path, site: SiteOverrides, device: torch.device | str 
         if site.model is not None or site.hook is not None or site.hook_out is not None:
             raise ConfigError(f"ckpt={path} is a saekit checkpoint, which records its model and hook; drop model= "
                               f"and hook= (they are for foreign SAE files)")
-        checkpoint = path / SAE_FILE if path.is_dir() else path
-        read_metadata(checkpoint)
-        return load_sae(checkpoint, device)
+        return load_sae(path / SAE_FILE if path.is_dir() else path, device)
     imported = read_foreign(path, fmt)
     return imported.sae.to(device).eval(), imported_meta(imported, site)

@@ -72,9 +72,9 @@ def layer_norm_gap(d: int) -> float:
     return math.sqrt((d - 1) / d)
 
 
-def normalization_scale(sae: SparseAutoencoder, target: str) -> float:
+def normalization_scale(sae: SparseAutoencoder) -> float:
     """The factor s with saekit's normalized input = s · (the other format's input): the input scale for
-    normalize='scale', 1 for 'none', and for 'layer_norm' what turns the sample-std layer norm of `target` formats
+    normalize='scale', 1 for 'none', and for 'layer_norm' what turns the sample-std layer norm the formats use
     into saekit's (1 when the SAE already uses it, ln_style='openai')."""
     spec = sae.spec
     if spec.normalize == "scale":
@@ -84,31 +84,28 @@ def normalization_scale(sae: SparseAutoencoder, target: str) -> float:
     return 1.0
 
 
-def raw_affine(sae: SparseAutoencoder, scale: float, subtract_b_dec: bool) -> RawAffine:
+def raw_affine(sae: SparseAutoencoder) -> RawAffine:
     """The saekit SAE's encoder pre-activations and decoder as maps of the format's input, s·x_format being what
-    saekit's SAE reads (`normalization_scale`). Latent values are unchanged: h_format = saekit's h exactly
+    saekit's SAE reads (s = `normalization_scale`). Latent values are unchanged: h_format = saekit's h exactly
     (up to rounding) for the variants whose h is W_enc (x − b_pre) + b_enc.
 
+    An SAE subtracts its decoder bias from the input (SAELens's apply_b_dec_to_input, sparsify's default):
+    (x − b_pre/s)·(s W_encᵀ) = W_enc (s x − b_pre). A transcoder's decoder bias lives in the output space, so its
+    b_pre is folded into b_enc instead, and its output is unscaled by its own output_scale.
+
     Gated's magnitude path and ProLU's bias are the variant writer's to fold; this is the shared part."""
-    if sae.transcoder and subtract_b_dec:
-        raise ValueError("a transcoder's decoder bias lives in the output space; it cannot be subtracted from x")
+    scale = normalization_scale(sae)
     W_enc = sae.W_enc.detach().double().cpu()
     b_enc = sae.b_enc.detach().double().cpu()
     b_pre = sae.b_pre.detach().double().cpu()
     W_dec = sae.W_dec.detach().double().cpu()
-    out_scale = float(sae.output_scale) if sae.transcoder and sae.spec.normalize == "scale" else (
-        1.0 if sae.transcoder else scale)
-    if sae.transcoder:
-        b_out = sae.b_out.detach().double().cpu()
-        skip = sae.W_skip.detach().double().cpu() * scale / out_scale if sae.spec.skip else None
-        return RawAffine(W_enc=(W_enc * scale).T.contiguous(), b_enc=b_enc - W_enc @ b_pre,
-                         W_dec=W_dec / out_scale, b_dec=b_out / out_scale, subtract_b_dec=False, W_skip=skip)
-    if subtract_b_dec:
-        # (x − b_pre/s)·(s W_encᵀ) = W_enc (s x − b_pre)
+    if not sae.transcoder:
         return RawAffine(W_enc=(W_enc * scale).T.contiguous(), b_enc=b_enc, W_dec=W_dec / scale,
                          b_dec=b_pre / scale, subtract_b_dec=True)
-    return RawAffine(W_enc=(W_enc * scale).T.contiguous(), b_enc=b_enc - W_enc @ b_pre, W_dec=W_dec / scale,
-                     b_dec=b_pre / scale, subtract_b_dec=False)
+    out_scale = float(sae.output_scale) if sae.spec.normalize == "scale" else 1.0
+    skip = sae.W_skip.detach().double().cpu() * scale / out_scale if sae.spec.skip else None
+    return RawAffine(W_enc=(W_enc * scale).T.contiguous(), b_enc=b_enc - W_enc @ b_pre, W_dec=W_dec / out_scale,
+                     b_dec=sae.b_out.detach().double().cpu() / out_scale, subtract_b_dec=False, W_skip=skip)
 
 
 def latent_scale(sae: SparseAutoencoder) -> Optional[torch.Tensor]:
@@ -157,7 +154,7 @@ def load_affine(raw: RawAffine, activation: str, *, transcoder: bool = False, k:
             b_enc = raw.b_enc + raw.b_dec @ raw.W_enc
     state.update(W_enc=raw.W_enc.T, b_enc=b_enc, W_dec=raw.W_dec)
     state.update(extra or {})
-    expected = {name: tensor for name, tensor in sae.state_dict().items()}
+    expected = dict(sae.state_dict())
     for name, tensor in state.items():
         if name not in expected:
             raise ValueError(f"load_affine: {activation} has no tensor {name!r}")

@@ -17,8 +17,7 @@ from saekit import __version__
 from saekit.checkpoint import SAE_FILE, save_sae
 from saekit.config import ExportConfig, ImportConfig, ModelConfig, TrainConfig
 from saekit.errors import ConfigError, DataError
-from saekit.formats import (FOREIGN_FORMATS, SiteOverrides, detect_format, foreign_paths, imported_meta, open_checkpoint,
-                            read_foreign)
+from saekit.formats import FOREIGN_FORMATS, detect_format, foreign_paths, imported_meta, open_checkpoint, read_foreign
 from saekit.formats.common import prepare_out, write_folder_atomically
 from saekit.formats.saelens import saelens_weights, write_saelens
 from saekit.formats.sparsify import hookpoint_of, sparsify_weights, write_sparsify
@@ -30,16 +29,12 @@ log = logging.getLogger(__name__)
 # ---- export -----------------------------------------------------------------------------------------------------
 def export(cfg: ExportConfig) -> Path:
     """The SAE of `cfg.ckpt` written as a SAELens or sparsify folder at `cfg.out`; returns the folder."""
-    from saekit.tasks import ModelPool, _trained_config, _trained_tokens, eval_checkpoints
+    from saekit.tasks import ModelPool, _trained_config, _trained_tokens, single_checkpoint
 
     out = Path(cfg.out).expanduser()
     prepare_out(out, cfg.overwrite)
-    checkpoints = eval_checkpoints(cfg.ckpt)
-    if len(checkpoints) != 1:
-        raise ConfigError(f"ckpt={cfg.ckpt} holds {len(checkpoints)} SAEs; export one run folder at a time")
-    ckpt, device = checkpoints[0], resolve_device(cfg.device)
-    site = SiteOverrides.of(cfg)
-    sae, meta = open_checkpoint(ckpt, site, device)
+    ckpt, device = single_checkpoint(cfg.ckpt, "export"), resolve_device(cfg.device)
+    sae, meta = open_checkpoint(ckpt, cfg, device)
     trained = _trained_config(meta, f"ckpt={ckpt}")
     saekit_meta = {"spec": meta["spec"], "train_config": meta["train_config"], "source": str(ckpt),
                    "trained_tokens": _trained_tokens(ckpt, meta, trained), "saekit_version": __version__}
@@ -50,10 +45,10 @@ def export(cfg: ExportConfig) -> Path:
         log.info("sparsify folder: %s (hook %s as %s/; load it with sparsify's Sae.load_from_disk)", out,
                  trained.hook_name, hookpoint)
         return out
-    saelens_weights(sae)  # the same refusal for SAELens
+    weights = saelens_weights(sae)  # the same refusal for SAELens
     density = held_out_density(sae, trained, cfg, ModelPool(device), device) if cfg.sparsity else None
     facts = site_facts(trained)
-    write_folder_atomically(out, lambda folder: write_saelens(folder, sae, facts, saekit_meta, density))
+    write_folder_atomically(out, lambda folder: write_saelens(folder, sae, facts, saekit_meta, density, weights))
     log.info("SAELens folder: %s (load it with sae_lens's SAE.load_from_disk)", out)
     return out
 
@@ -109,11 +104,10 @@ def import_sae(cfg: ImportConfig) -> list[Path]:
     if len(paths) > 1 and (cfg.hook is not None or cfg.hook_out is not None):
         raise ConfigError(f"src={cfg.src} holds {len(paths)} hooks, each named by its folder; drop hook= (or import "
                           f"one hook folder)")
-    site = SiteOverrides.of(cfg)
     items = []
     for path in paths:
         imported = read_foreign(path, fmt)
-        items.append((path, imported, imported_meta(imported, site)))
+        items.append((path, imported, imported_meta(imported, cfg)))
 
     def write(folder: Path) -> None:
         for path, imported, meta in items:

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from saekit import __version__
 from saekit.errors import ConfigError, DataError
 from saekit.formats.common import (EXPORT_HEADER_KEY, Imported, Provenance, RawAffine, checked_matrix, latent_scale,
-                                   load_affine, normalization_scale, positive_latent_scale, raw_affine, read_json,
+                                   load_affine, positive_latent_scale, raw_affine, read_json,
                                    read_weights)
 from saekit.sae import SparseAutoencoder
 
@@ -79,7 +79,7 @@ def saelens_weights(sae: SparseAutoencoder) -> tuple[str, dict[str, torch.Tensor
         log.warning("this SAE's layer norm divides by the population std (clamped at 1e-6), SAELens's by the sample std "
                     "+ 1e-5: the weights absorb the std ratio, and outputs differ by up to about 1e-5/std (relative) "
                     "per token")
-    raw = raw_affine(sae, normalization_scale(sae, "saelens"), subtract_b_dec=not sae.transcoder)
+    raw = raw_affine(sae)
     extra_cfg: dict = {}
     if name in ("topk", "multi_topk"):
         if latent_scale(sae) is not None:
@@ -168,10 +168,11 @@ def saelens_cfg(sae: SparseAutoencoder, architecture: str, extra_cfg: dict, site
 
 
 def write_saelens(folder: Path, sae: SparseAutoencoder, site: dict, saekit_meta: dict,
-                  density: Optional[torch.Tensor]) -> dict:
+                  density: Optional[torch.Tensor], weights: Optional[tuple] = None) -> dict:
     """cfg.json, sae_weights.safetensors (saekit's metadata kept in its header) and, given held-out firing rates,
-    sparsity.safetensors, into an existing empty folder. Returns the cfg written."""
-    architecture, tensors, extra_cfg = saelens_weights(sae)
+    sparsity.safetensors, into an existing empty folder. `weights`: `saelens_weights(sae)` when the caller already
+    made them (export does, to refuse before measuring anything). Returns the cfg written."""
+    architecture, tensors, extra_cfg = weights or saelens_weights(sae)
     cfg = saelens_cfg(sae, architecture, extra_cfg, site)
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={EXPORT_HEADER_KEY: json.dumps(saekit_meta)})
     if density is not None:

@@ -98,8 +98,7 @@ def sparsify_weights(sae: SparseAutoencoder) -> tuple[dict[str, torch.Tensor], d
                           f"({sae.spec.d}), this one {sae.spec.d_output}; export it with format=saelens")
     if sae.spec.normalize == "layer_norm":
         raise ConfigError("format=sparsify: sparsify has no input layer norm; export this SAE with format=saelens")
-    scale = float(sae.input_scale) if sae.spec.normalize == "scale" else 1.0
-    raw = raw_affine(sae, scale, subtract_b_dec=not sae.transcoder)
+    raw = raw_affine(sae)
     tensors = {"encoder.weight": raw.W_enc.T, "encoder.bias": raw.b_enc, "W_dec": raw.W_dec, "b_dec": raw.b_dec}
     if raw.W_skip is not None:
         tensors["W_skip"] = raw.W_skip

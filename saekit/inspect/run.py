@@ -30,15 +30,12 @@ DENSITY_BINS = 40
 def inspect(cfg: InspectConfig, run_dir: Path) -> None:
     """Collect every latent's statistics and contexts over inspect.tokens held-out tokens in one pass, then write
     index.html + latent.html + data/ (format=html) or features/*.json (format=json) into run_dir."""
-    from saekit.formats import SiteOverrides, open_checkpoint
-    from saekit.tasks import _evaluation_data, _trained_config, eval_checkpoints
+    from saekit.formats import open_checkpoint
+    from saekit.tasks import _evaluation_data, _trained_config, single_checkpoint
 
     device = resolve_device(cfg.device)
-    checkpoints = eval_checkpoints(cfg.ckpt)
-    require(len(checkpoints) == 1, f"ckpt={cfg.ckpt} holds {len(checkpoints)} SAEs; inspect one run at a time",
-            DataError)
-    ckpt = checkpoints[0]
-    sae, meta = open_checkpoint(ckpt, SiteOverrides.of(cfg), device)
+    ckpt = single_checkpoint(cfg.ckpt, "inspect")
+    sae, meta = open_checkpoint(ckpt, cfg, device)
 
     trained = _trained_config(meta, f"ckpt={ckpt}")
     settings = cfg.inspect
